@@ -1,0 +1,37 @@
+"""The raw-detector noise model shared by restoration, simulation and calibration.
+
+Linear "FOR PROCESSING" data: z = y + τ + n with E[z|y] = y + τ and
+var[z|y] = λ·y + σ_e²  (λ quantum gain, σ_e electronic noise std, τ offset; all in ADU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    gain: float | np.ndarray  # λ: scalar or per-pixel map (same shape as the image)
+    electronic_noise: float  # σ_e: standard deviation in ADU
+    offset: float  # τ in ADU
+
+    def __post_init__(self) -> None:
+        gain = np.asarray(self.gain, dtype=np.float64)
+        if not np.all(np.isfinite(gain)) or np.any(gain <= 0):
+            raise ValueError("gain (λ) must be positive and finite")
+        if not np.isfinite(self.electronic_noise) or self.electronic_noise < 0:
+            raise ValueError("electronic_noise (σ_e) must be a non-negative number")
+        if not np.isfinite(self.offset):
+            raise ValueError("offset (τ) must be finite")
+
+    def variance(self, signal: np.ndarray) -> np.ndarray:
+        """Expected variance of a raw pixel whose offset-free mean is `signal`."""
+        return self.gain * np.maximum(signal, 0.0) + self.electronic_noise**2
+
+    def crop(self, rows: slice, cols: slice) -> "NoiseModel":
+        """The same model restricted to a sub-image (crops a per-pixel gain map)."""
+        if np.ndim(self.gain) == 0:
+            return self
+        return NoiseModel(np.asarray(self.gain)[rows, cols], self.electronic_noise, self.offset)

@@ -1,0 +1,1 @@
+"""Trains the deep restoration networks (its own issue; not yet built)."""
