@@ -1,0 +1,222 @@
+"""The one configuration loader: TOML validated by pydantic.
+
+Every part of the node (serve, worker, process, calibrate, phantom) reads its settings through
+`load_config`. A wrong key or value becomes a `ConfigError` whose text is one line naming the key,
+so radiology IT can fix the file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.restore.noise import NoiseModel
+
+CONFIG_ENV = "DICOM_NODE_CONFIG"
+"""Environment variable naming the configuration file when --config is not given."""
+
+AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line for a person."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Strict):
+    ae_title: AeTitle = "DOSENODE"
+    port: int = Field(11112, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    data_dir: Path = Path("data")
+    max_associations: int = Field(10, ge=1)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _no_backslash(cls, value: str) -> str:
+        if "\\" in value:
+            raise ValueError("an AE title may not contain a backslash")
+        return value.strip()
+
+
+class DatabaseSettings(_Strict):
+    url: str = ""  # empty: SQLite file in data_dir
+
+
+class Source(_Strict):
+    ae_title: AeTitle
+    hosts: list[str] = []  # CIDRs or addresses; empty: any host
+    profile: str
+
+    @field_validator("hosts")
+    @classmethod
+    def _valid_networks(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or CIDR network") from None
+        return hosts
+
+
+class Destination(_Strict):
+    name: str = Field(min_length=1)
+    ae_title: AeTitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    folder: Path | None = None
+
+    @model_validator(mode="after")
+    def _either_network_or_folder(self) -> "Destination":
+        network = (self.ae_title, self.host, self.port)
+        if self.folder is not None:
+            if any(v is not None for v in network):
+                raise ValueError("a destination is either a folder or ae_title/host/port, not both")
+        elif any(v is None for v in network):
+            raise ValueError("a network destination needs ae_title, host and port (or give folder)")
+        return self
+
+
+class Profile(_Strict):
+    pipeline: Literal["gat-bm3d", "deep"] = "gat-bm3d"
+    model: str = ""
+    dose_fraction: float = Field(gt=0, le=1)
+    destinations: list[str] = []
+    forward_original: bool = False
+
+
+class Detector(_Strict):
+    gain: float = Field(gt=0)  # λ, ADU
+    electronic_noise: float = Field(ge=0)  # σ_e, standard deviation in ADU
+    offset: float  # τ, ADU
+    gain_map: Path | None = None  # optional per-pixel λ map (.npy), relative to the config file
+
+
+class RetryPolicy(_Strict):
+    initial_s: float = Field(30, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+    jitter: float = Field(0.1, ge=0, le=1)
+    max_delay_s: float = Field(3600, gt=0)
+    max_age_h: float = Field(72, gt=0)
+
+
+class Config(_Strict):
+    node: NodeSettings = NodeSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    sources: list[Source] = []
+    destinations: list[Destination] = []
+    profiles: dict[str, Profile] = {}
+    detectors: dict[str, Detector] = {}
+    retry: RetryPolicy = RetryPolicy()
+    path: Path | None = Field(None, exclude=True)  # the file it came from (None: embedded defaults)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Config":
+        names = [d.name for d in self.destinations]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destination names must be unique: {', '.join(duplicated)}")
+        for name, profile in self.profiles.items():
+            for dest in profile.destinations:
+                if dest not in names:
+                    raise ValueError(f"profile {name!r} names unknown destination {dest!r}")
+        for source in self.sources:
+            if source.profile not in self.profiles:
+                raise ValueError(f"source {source.ae_title!r} names unknown profile {source.profile!r}")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the file are relative to the file's folder (cwd for defaults)."""
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.node.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'joblog.sqlite'}"
+
+    def detector_for(self, serial: str | None) -> tuple[str, Detector] | None:
+        """The detector entry for a Device Serial Number, else the `default` entry, else None."""
+        if serial and serial in self.detectors:
+            return serial, self.detectors[serial]
+        if "default" in self.detectors:
+            return "default", self.detectors["default"]
+        return None
+
+    def noise_model(self, name: str, shape: tuple[int, int] | None = None) -> NoiseModel:
+        """The NoiseModel of detector entry `name`, loading its gain map when it has one."""
+        detector = self.detectors[name]
+        gain: float | np.ndarray = detector.gain
+        if detector.gain_map is not None:
+            path = self.resolve(detector.gain_map)
+            try:
+                gain = np.load(path)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"detectors.{name}.gain_map: cannot read {path}: {exc}") from None
+            if shape is not None and gain.shape != tuple(shape):
+                raise ConfigError(
+                    f"detectors.{name}.gain_map: map is {gain.shape[0]}×{gain.shape[1]} "
+                    f"but the image is {shape[0]}×{shape[1]}"
+                )
+        return NoiseModel(gain, detector.electronic_noise, detector.offset)
+
+
+def _describe(error: ValidationError) -> str:
+    """All problems of a ValidationError as one line, each naming its key."""
+    parts = []
+    for item in error.errors():
+        key = ""
+        for part in item["loc"]:
+            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        parts.append(f"{key}: {message}" if key else message)
+    return "; ".join(parts)
+
+
+def parse_config(data: dict, path: Path | None = None) -> Config:
+    try:
+        return Config.model_validate({**data, "path": path})
+    except ValidationError as exc:
+        where = str(path) if path else "embedded defaults"
+        raise ConfigError(f"{where}: {_describe(exc)}") from None
+
+
+def default_config_text() -> str:
+    return resources.files("dicom_node").joinpath("defaults/node.toml").read_text()
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load FILE, else $DICOM_NODE_CONFIG, else the embedded defaults."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    if path is None:
+        return parse_config(tomllib.loads(default_config_text()))
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, path.resolve())
