@@ -20,8 +20,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import __version__
+from dicom_node.imaging.read import MG_FOR_PROCESSING
 
-MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 
 # Attributes that would describe the source's pixels or encoding, not the derived one's, or
@@ -95,7 +95,7 @@ def build_derived(
         raise ValueError("pixels contain NaN or infinity")
     bits_stored = int(source.BitsStored)
     frame = np.clip(np.rint(pixels), 0, (1 << bits_stored) - 1).astype("<u2")
-    identity = (profile, method, model_digest or "")
+    identity = (profile, method, model_digest or "")  # what makes a different result; not time, not host
     now = datetime.now().astimezone()
     model = " ".join(filter(None, [model_name, model_digest])) or "none"
 
@@ -118,16 +118,16 @@ def build_derived(
     ds.DerivationCodeSequence = Sequence([code_item("113087", "DCM", "Smoothing")])
     ds.SourceImageSequence = Sequence([_source_reference(source)])
     ds.ContributingEquipmentSequence = Sequence(
-        [*copy.deepcopy(list(source.get("ContributingEquipmentSequence", []))),
-         _contribution(method, profile, model, node_version, station_name, model_name, model_digest, now)]
+        [*ds.get("ContributingEquipmentSequence", []), _contribution(method, profile, model, node_version,
+                                                                     station_name, now)]
     )
 
     ds.BitsAllocated = 16
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
-    ds.PixelData = frame.tobytes()
-    ds["PixelData"].VR = "OW"
+    ds.add_new("PixelData", "OW", frame.tobytes())
+    _allow_unicode_text(ds, description, method, profile, model, station_name)
     ds.file_meta = new_file_meta(ds)
     return ds
 
@@ -166,6 +166,15 @@ def _with_suffix(description: str, suffix: str) -> str:
     return (base[: 64 - len(suffix)] + suffix).strip()
 
 
+def _allow_unicode_text(ds: Dataset, *texts: str) -> None:
+    """Our texts (e.g. "σe" in a noise description) must not turn into "?": switch to UTF-8 when needed.
+
+    Values are held decoded, so pydicom re-encodes every text element, the source's included, in UTF-8.
+    """
+    if not all(text.isascii() for text in texts) and ds.get("SpecificCharacterSet") != "ISO_IR 192":
+        ds.SpecificCharacterSet = "ISO_IR 192"
+
+
 def _source_reference(source: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
@@ -180,15 +189,12 @@ def _source_reference(source: Dataset) -> Dataset:
 
 
 def _contribution(method: str, profile: str, model: str, node_version: str, station_name: str,
-                  model_name: str | None, model_digest: str | None, now: datetime) -> Dataset:
+                  now: datetime) -> Dataset:
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = Sequence([code_item("109102", "DCM", "Processing Equipment")])
     item.Manufacturer = "dicom-node"
     item.ManufacturerModelName = "dicom-node restoration"
-    item.SoftwareVersions = [
-        f"dicom-node {node_version}",
-        *([" ".join(filter(None, [model_name, (model_digest or "")[:16]]))[:64]] if model_name or model_digest else []),
-    ]
+    item.SoftwareVersions = [f"dicom-node {node_version}", f"model {model}"[:64]]
     item.StationName = station_name[:16]
     item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f%z")
     item.ContributionDescription = f"Low-dose restoration: method {method}, profile {profile}, model {model}"[:1024]

@@ -7,6 +7,7 @@ Presentation images are read too (MONOCHROME1 included, left as stored) and flag
 """
 
 import io
+import warnings
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -86,14 +88,13 @@ class MammoImage:
 def read_mammogram(source: Source, *, label: str | None = None) -> MammoImage:
     """Read one single-frame 16-bit MG image, refusing anything else with an ``ImagingError``.
 
-    ``label`` names the input in error messages (default: the file name, or "dataset"/"bytes").
+    ``label`` names the input in error messages (default: the file name, "<bytes>" or "<dataset>").
     """
     label = label or _label(source)
     ds = _parse(source, label)
-    sop_class = UID(str(ds.get("SOPClassUID", "")))
+    sop_class = UID(str(ds.SOPClassUID))
     if sop_class not in (MG_FOR_PROCESSING, MG_FOR_PRESENTATION):
-        what = f"{sop_class.name} ({sop_class})" if sop_class else "missing"
-        raise ImagingError(f"{label} is not a mammogram: SOP Class is {what}")
+        raise ImagingError(f"{label} is not a mammogram: SOP Class is {sop_class.name} ({sop_class})")
     if "PixelData" not in ds:
         raise ImagingError(f"{label} has no pixel data")
     syntax = _transfer_syntax(ds, label)
@@ -126,30 +127,42 @@ def acquisition_params(ds: Dataset) -> AcquisitionParams:
 
 def _label(source: Source) -> str:
     if isinstance(source, Dataset):
-        return "dataset"
+        return "<dataset>"
     if isinstance(source, bytes):
-        return "bytes"
+        return "<bytes>"
     return Path(source).name
 
 
 def _parse(source: Source, label: str) -> Dataset:
+    """Parse strictly: pydicom only warns about a file that ends early, and may return a partial dataset."""
     if isinstance(source, Dataset):
-        return source
-    try:
-        return pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except Exception as error:  # pydicom raises many kinds on damaged input
-        raise ImagingError(f"{label} is not a readable DICOM file: {error or type(error).__name__}") from error
+        ds = source
+    else:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except InvalidDicomError as error:
+            raise ImagingError(f"{label} is not a readable DICOM file: it has no DICOM file header "
+                               "(the 'DICM' prefix is missing)") from error
+        except Exception as error:  # pydicom raises many kinds on damaged input
+            raise ImagingError(f"{label} is not a readable DICOM file: {error or type(error).__name__}") from error
+        if any("end of file" in str(warning.message).lower() for warning in caught):
+            raise ImagingError(f"{label} is not a readable DICOM file: it is truncated")
+    if "SOPClassUID" not in ds:
+        raise ImagingError(f"{label} is not a readable DICOM file: it has no SOP Class UID (truncated or incomplete)")
+    return ds
 
 
 def _transfer_syntax(ds: Dataset, label: str) -> UID:
-    syntax = ds.get("file_meta", Dataset()).get("TransferSyntaxUID")
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     if syntax is None:
         raise ImagingError(f"{label} has no Transfer Syntax UID in its file meta information")
     syntax = UID(syntax)
     if syntax not in LOSSLESS_TRANSFER_SYNTAXES:
-        kind = " (lossy)" if syntax in _LOSSY_TRANSFER_SYNTAXES else ""
-        raise ImagingError(f"{label} uses transfer syntax {syntax.name}{kind} ({syntax}), "
-                           "which this node does not accept")
+        reason = "which is lossy; this node does not accept it" if syntax in _LOSSY_TRANSFER_SYNTAXES \
+            else "which this node does not accept"
+        raise ImagingError(f"{label} uses transfer syntax {syntax.name} ({syntax}), {reason}")
     return syntax
 
 
@@ -159,6 +172,8 @@ def _check_pixel_description(ds: Dataset, sop_class: UID, label: str) -> None:
         raise ImagingError(f"{label} is multi-frame ({frames} frames); this node takes single-frame images")
     if ds.get("BitsAllocated") != 16:
         raise ImagingError(f"{label} has {ds.get('BitsAllocated')} bits allocated; this node takes 16")
+    if not 1 <= (ds.get("BitsStored") or 0) <= 16:
+        raise ImagingError(f"{label} has Bits Stored {ds.get('BitsStored')}; expected 1 to 16")
     if ds.get("SamplesPerPixel", 1) != 1 or ds.get("PixelRepresentation", 0) != 0:
         raise ImagingError(f"{label} is not single-sample unsigned grayscale")
     photometric = ds.get("PhotometricInterpretation")
@@ -172,7 +187,8 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception as error:  # decoders raise many kinds on damaged streams
-        raise ImagingError(f"{label} pixel data cannot be decoded: {error or type(error).__name__}") from error
+        raise ImagingError(f"{label} has pixel data that cannot be decoded: {error or type(error).__name__}") \
+            from error
     if pixels.shape != (ds.Rows, ds.Columns):
         raise ImagingError(f"{label} decodes to shape {pixels.shape}, not Rows×Columns ({ds.Rows}, {ds.Columns})")
     return pixels.astype(np.uint16, copy=False)

@@ -17,7 +17,7 @@ from dicom_node.imaging.read import MG_FOR_PROCESSING
 SYNTHETIC_DATE = "20240102"
 SYNTHETIC_TIME = "093000"
 
-# SNOMED CT codes of the standard mammography views (CID 4014) and breast laterality.
+# SNOMED CT codes of the common mammography views (CID 4014).
 VIEW_CODES = {
     "CC": ("399162004", "cranio-caudal"),
     "MLO": ("399368009", "medio-lateral oblique"),
