@@ -119,7 +119,7 @@ def restore_mammogram(
         profile=profile,
         model_name=model_name,
         model_digest=getattr(restorer, "digest", None),
-        description=f"noise: λ={_describe_gain(noise.gain)}, σe={noise.electronic_noise:g}, τ={noise.offset:g}",
+        description=f"noise model: gain {_describe_gain(noise.gain)}, electronic noise {noise.electronic_noise:g}, offset {noise.offset:g}",
         node_version=__version__,
         station_name=station_name or config.node.ae_title,
     )
@@ -134,4 +134,3 @@ def _describe_gain(gain: float | np.ndarray) -> str:
     return f"map (median {float(np.median(gain)):g})"
 
 
-__all__ = ["ConfigError", "NoiseOverrides", "Processed", "ProcessingError", "resolve_noise", "restore_mammogram"]

@@ -65,6 +65,8 @@ def calibrate_flat_fields(
     noise_fields = [_noise_fields(g) for g in groups]
     variances = np.array([np.mean([f[roi].var() for f in fields]) for fields in noise_fields])
 
+    if np.any(variances <= 0):
+        raise ValueError("a flat field has no noise at all; are these raw images from the detector?")
     gain, electronic_variance = np.polyfit(means, variances, 1, w=1.0 / variances)
     variance_fit_r2 = _r_squared(variances, gain * means + electronic_variance)
     if gain <= 0:
@@ -95,15 +97,22 @@ def calibrate_flat_fields(
 
 
 def estimate_noise_from_image(
-    z: np.ndarray, offset: float, mask: np.ndarray | None = None, bins: int = 16
+    z: np.ndarray,
+    offset: float,
+    mask: np.ndarray | None = None,
+    electronic_variance: float | None = None,
+    bins: int = 16,
 ) -> tuple[float, float]:
     """(λ, σ_e²) from one raw image, as a QC check of the calibration.
 
     A second-difference high-pass (Immerkær's kernel, unit gain for white noise) cancels smooth
     structure; pixels are binned by local mean and each bin's noise variance is taken from the
     median absolute deviation, so edges and calcifications in a bin do not inflate it; then a
-    weighted line var = λ·μ + σ_e². Assumes white noise (a-Se detectors). σ_e² is clamped at 0;
-    it is poorly determined when the image spans a narrow range of signal.
+    weighted line var = λ·μ + σ_e². Assumes white noise (a-Se detectors).
+
+    Over a narrow range of signal (a breast of even thickness) slope and intercept trade off;
+    pass the calibrated `electronic_variance` to fit λ alone, which is then well determined.
+    A fitted σ_e² is clamped at 0.
     """
     signal = np.asarray(z, dtype=np.float64) - offset
     if signal.ndim != 2:
@@ -129,8 +138,12 @@ def estimate_noise_from_image(
         variances.append((1.4826 * mad) ** 2)
         counts.append(in_bin.size)
     means, variances, counts = map(np.asarray, (means, variances, counts))
-    gain, electronic_variance = np.polyfit(means, variances, 1, w=np.sqrt(counts) / variances)
-    return float(gain), max(float(electronic_variance), 0.0)
+    weights = counts / variances**2  # a variance estimate's own variance grows as its square
+    if electronic_variance is not None:
+        gain = np.sum(weights * means * (variances - electronic_variance)) / np.sum(weights * means**2)
+        return float(gain), float(electronic_variance)
+    gain, intercept = np.polyfit(means, variances, 1, w=np.sqrt(weights))
+    return float(gain), max(float(intercept), 0.0)
 
 
 def _validated_stack(images: Sequence[np.ndarray], exposures: Sequence[float]) -> np.ndarray:
@@ -203,9 +216,7 @@ def _gain_map(
 
     rows, cols = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
     design = np.stack([np.ones_like(rows), rows, cols, rows**2, rows * cols, cols**2], axis=-1)
-    # Fit away from the borders, where the windows are filled by reflection, if the image allows.
-    border = window // 2 if min(shape) > 2 * window else 0
-    sample = (slice(border, shape[0] - border, 4), slice(border, shape[1] - border, 4))
+    sample = (slice(None, None, 4), slice(None, None, 4))  # every 16th pixel is plenty for 6 coefficients
     coefficients, *_ = np.linalg.lstsq(design[sample].reshape(-1, 6), local_gain[sample].ravel(), rcond=None)
     return design @ coefficients
 

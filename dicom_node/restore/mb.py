@@ -19,7 +19,7 @@ from dicom_node.restore.mask import bounding_box, breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import Restoration, register_restorer
 
-BLEND_MODES = ("noise-aware", "plain")
+BLEND_MODES = ("plain", "noise-aware")
 _MIN_MARGIN = 32  # px of context around the breast: BM3D's blocks and search window fit inside
 _LOCAL_WINDOW = 4.0  # px, Gaussian σ of the local averages behind the estimate's noise statistics
 _PROBE_STEP = 0.05  # size of the Monte-Carlo probe, in units of the GAT-domain noise std
@@ -209,7 +209,7 @@ def _validated(raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.n
 def _calibration_check(raw: np.ndarray, noise: NoiseModel, mask: np.ndarray) -> dict[str, float]:
     configured = float(np.mean(np.broadcast_to(noise.gain, raw.shape)[mask])) if mask.any() else np.nan
     try:
-        estimated, _ = estimate_noise_from_image(raw, noise.offset, mask)
+        estimated, _ = estimate_noise_from_image(raw, noise.offset, mask, noise.electronic_noise**2)
     except ValueError:  # too small a breast for the estimate: the figure is undefined, not an error
         estimated = np.nan
     return {"estimated_gain": estimated, "gain_ratio": estimated / configured}
