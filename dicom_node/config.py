@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import tomllib
+from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -39,6 +41,11 @@ class NodeSettings(_Strict):
     bind: str = "0.0.0.0"
     data_dir: Path = Path("data")
     max_associations: int = Field(10, ge=1)
+    acse_timeout_s: float = Field(30, gt=0)  # association negotiation
+    dimse_timeout_s: float = Field(60, gt=0)  # waiting for a DIMSE message
+    network_timeout_s: float = Field(60, gt=0)  # an idle association is closed after this
+    min_free_disk_mb: float = Field(1024, ge=0)  # below this, new associations are refused
+    duplicate_policy: Literal["ignore-identical", "reprocess-all"] = "ignore-identical"
 
     @field_validator("ae_title")
     @classmethod
@@ -74,6 +81,7 @@ class Destination(_Strict):
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     folder: Path | None = None
+    timeout_s: float = Field(120, gt=0)  # watchdog: the longest one send may take
 
     @model_validator(mode="after")
     def _either_network_or_folder(self) -> "Destination":
@@ -101,12 +109,32 @@ class Detector(_Strict):
     gain_map: Path | None = None  # optional per-pixel λ map (.npy), relative to the config file
 
 
+class WorkerSettings(_Strict):
+    count: int = Field(1, ge=0)  # worker processes `serve` supervises (0: run them elsewhere)
+    lease_s: float = Field(300, gt=0)  # a claimed job returns to the queue if not renewed in time
+    heartbeat_s: float = Field(30, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class RetryPolicy(_Strict):
     initial_s: float = Field(30, gt=0)
     multiplier: float = Field(2.0, ge=1)
     jitter: float = Field(0.1, ge=0, le=1)
     max_delay_s: float = Field(3600, gt=0)
     max_age_h: float = Field(72, gt=0)
+
+    def retry_at(self, attempt: int, first_seen: datetime, now: datetime) -> datetime | None:
+        """When to try again after failed attempt number `attempt` (1, 2, …); None: give up.
+
+        The delay grows geometrically up to max_delay_s, spread by ±jitter so that a PACS coming
+        back is not hit by every waiting image at once; past max_age_h the failure is final.
+        """
+        delay = min(self.initial_s * self.multiplier ** max(attempt - 1, 0), self.max_delay_s)
+        delay *= 1 + self.jitter * random.uniform(-1, 1)
+        when = now + timedelta(seconds=delay)
+        if when - first_seen > timedelta(hours=self.max_age_h):
+            return None
+        return when
 
 
 class Config(_Strict):
@@ -116,6 +144,7 @@ class Config(_Strict):
     destinations: list[Destination] = []
     profiles: dict[str, Profile] = {}
     detectors: dict[str, Detector] = {}
+    worker: WorkerSettings = WorkerSettings()
     retry: RetryPolicy = RetryPolicy()
     path: Path | None = Field(None, exclude=True)  # the file it came from (None: embedded defaults)
 

@@ -91,3 +91,18 @@ def test_gain_map_is_loaded_relative_to_the_file_and_checked(tmp_path):
     assert config.noise_model("SN1", (4, 5)).gain.shape == (4, 5)
     with pytest.raises(ConfigError, match="map is 4×5 but the image is 8×8"):
         config.noise_model("SN1", (8, 8))
+
+
+def test_retry_policy_grows_geometrically_and_gives_up_after_max_age():
+    from datetime import datetime, timedelta, timezone
+
+    from dicom_node.config import RetryPolicy
+
+    policy = RetryPolicy(initial_s=10, multiplier=3, jitter=0, max_delay_s=100, max_age_h=1)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    delays = [(policy.retry_at(n, start, start) - start).total_seconds() for n in (1, 2, 3, 4)]
+    assert delays == [10, 30, 90, 100]
+    assert policy.retry_at(1, start, start + timedelta(minutes=59, seconds=55)) is None
+    jittery = RetryPolicy(initial_s=100, jitter=0.2)
+    spread = {(jittery.retry_at(1, start, start) - start).total_seconds() for _ in range(50)}
+    assert len(spread) > 1 and all(80 <= d <= 120 for d in spread)
