@@ -247,9 +247,144 @@ def demo(
     typer.echo(f"report: {outdir / 'report.md'}")
 
 
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: receiver, workers, forwarder and scheduler, until SIGTERM or Ctrl-C."""
+    from dicom_node.logs import configure_logging
+    from dicom_node.service import serve as run_node
+
+    cfg = load_config(config)
+    configure_logging()
+    run_node(cfg)
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Run one restoration worker alone (e.g. on a GPU host sharing the job log)."""
+    import signal
+    import threading
+
+    from dicom_node.logs import configure_logging
+    from dicom_node.worker import run_worker
+
+    cfg = load_config(config)
+    configure_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_worker(cfg, stop)
+
+
+def _destination(cfg, name: str):
+    from dicom_node.forward.destinations import make_destination
+
+    for entry in cfg.destinations:
+        if entry.name == name:
+            return make_destination(entry, cfg.node.ae_title, base_dir=cfg.base_dir)
+    known = ", ".join(d.name for d in cfg.destinations) or "none"
+    raise UserError(f"no destination named {name!r} (configured: {known})")
+
+
+@app.command()
+def echo(
+    destination: Annotated[str, typer.Argument(metavar="DEST", help="Destination name from the configuration.")],
+    config: ConfigOption = None,
+) -> None:
+    """C-ECHO a destination (or check that a folder destination is writable)."""
+    cfg = load_config(config)
+    dest = _destination(cfg, destination)
+    result = dest.echo()
+    if not result.ok:
+        raise UserError(result.message)
+    typer.echo(f"{dest.describe()}: ok ({result.seconds * 1000:.0f} ms)")
+
+
+def _job_dict(job) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    data = asdict(job) if is_dataclass(job) else dict(vars(job))
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in data.items() if not k.startswith("_")}
+
+
+def _parse_since(since: str | None):
+    from datetime import datetime, timedelta, timezone
+
+    if since is None:
+        return None
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if since[-1:] in units and since[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(timezone.utc) - timedelta(**{units[since[-1]]: float(since[:-1])})
+    try:
+        moment = datetime.fromisoformat(since)
+    except ValueError:
+        raise UserError(f"--since must be like 30m, 12h, 2d or an ISO date, got {since!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@app.command()
+def jobs(
+    status: Annotated[Optional[str], typer.Option(help="Only jobs in this state.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Only jobs received since: 30m, 12h, 2d or an ISO date.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array with every field.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """List jobs from the job log."""
+    from dicom_node.joblog import JobLog, JobStatus
+
+    cfg = load_config(config)
+    if status is not None and status not in {s.value for s in JobStatus}:
+        raise UserError(f"--status must be one of {', '.join(s.value for s in JobStatus)}, got {status!r}")
+    found = JobLog(cfg.database_url).list_jobs(status=status, since=_parse_since(since), limit=limit)
+    if as_json:
+        json.dump([_job_dict(j) for j in found], sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+        return
+    for job in found:
+        received = job.received_at.strftime("%Y-%m-%d %H:%M:%S") if job.received_at else "-"
+        error = f"  {job.last_error}" if job.last_error and job.status != "done" else ""
+        typer.echo(f"{job.id:>6}  {received}  {str(job.status):<10} {job.calling_ae or '-':<16} "
+                   f"{job.profile or '-':<12} {job.sop_instance_uid}{error}")
+    if not found:
+        typer.echo("no jobs", err=True)
+
+
+@app.command()
+def retry(
+    job_id: Annotated[int, typer.Argument(metavar="JOB", help="Job number (see `jobs`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Queue a failed or cancelled job (or its failed sends) again."""
+    from dicom_node.joblog import JobLog
+
+    try:
+        JobLog(load_config(config).database_url).retry(job_id)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    typer.echo(f"job {job_id} queued again")
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[int, typer.Argument(metavar="JOB", help="Job number (see `jobs`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Stop a job: it will not be processed or sent any further."""
+    from dicom_node.joblog import JobLog
+
+    try:
+        JobLog(load_config(config).database_url).cancel(job_id)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    typer.echo(f"job {job_id} cancelled")
+
+
 @app.command("check-config")
-def check_config(config: ConfigOption = None) -> None:
-    """Validate a configuration file and summarise what it sets up."""
+def check_config(
+    config: ConfigOption = None,
+    no_echo: Annotated[bool, typer.Option("--no-echo", help="Only validate; do not contact the destinations.")] = False,
+) -> None:
+    """Validate a configuration file and C-ECHO each destination."""
     cfg = load_config(config)
     where = cfg.path or "embedded defaults"
     typer.echo(
@@ -257,6 +392,17 @@ def check_config(config: ConfigOption = None) -> None:
         f"{len(cfg.sources)} sources, {len(cfg.destinations)} destinations, "
         f"{len(cfg.profiles)} profiles, {len(cfg.detectors)} detectors"
     )
+    if no_echo:
+        return
+    failed = []
+    for entry in cfg.destinations:
+        dest = _destination(cfg, entry.name)
+        result = dest.echo()
+        typer.echo(f"  {dest.describe()}: {'ok' if result.ok else result.message}")
+        if not result.ok:
+            failed.append(entry.name)
+    if failed:
+        raise UserError(f"destinations not reachable: {', '.join(failed)}")
 
 
 @app.command()

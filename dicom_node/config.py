@@ -46,6 +46,7 @@ class NodeSettings(_Strict):
     network_timeout_s: float = Field(60, gt=0)  # an idle association is closed after this
     min_free_disk_mb: float = Field(1024, ge=0)  # below this, new associations are refused
     duplicate_policy: Literal["ignore-identical", "reprocess-all"] = "ignore-identical"
+    retention_days: float = Field(7, ge=0)  # files of finished jobs are kept this long
 
     @field_validator("ae_title")
     @classmethod

@@ -42,6 +42,8 @@ class Processed:
     noise_source: str
     qc: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    model_digest: str | None = None
 
 
 def resolve_noise(
@@ -125,7 +127,8 @@ def restore_mammogram(
     )
     timings = dict(restoration.timings)
     timings["derive"] = time.perf_counter() - started
-    return Processed(dataset, noise, noise_source, qc, timings)
+    device = getattr(restorer, "device", "cpu")
+    return Processed(dataset, noise, noise_source, qc, timings, device, getattr(restorer, "digest", None))
 
 
 def _describe_gain(gain: float | np.ndarray) -> str:

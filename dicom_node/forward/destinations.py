@@ -1,0 +1,146 @@
+"""Where derived images go: a DICOM peer (PACS) or a folder, behind one small interface.
+
+The forwarder only calls ``send`` and reads the `SendResult`; whether a failure is worth a retry is
+decided here, next to the knowledge of what went wrong.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from dicom_node import config
+from dicom_node.forward import scu
+from dicom_node.forward.scu import SendResult
+
+# Errors that no retry fixes: something in the way that is not a folder.
+_NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST}
+
+
+class Destination(Protocol):
+    """What the forwarder needs of any destination."""
+
+    name: str
+
+    def send(self, path: Path) -> SendResult:
+        """Deliver one DICOM file."""
+        ...
+
+    def echo(self) -> SendResult:
+        """Check that the destination is there and would take a file."""
+        ...
+
+    def describe(self) -> str:
+        """One line naming the destination for logs and commands."""
+        ...
+
+
+@dataclass(frozen=True)
+class NetworkDestination:
+    """A DICOM Storage SCP, reached with C-STORE from ``calling_ae``."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str
+    timeout_s: float
+
+    def send(self, path: Path) -> SendResult:
+        return scu.send_file(path, ae_title=self.ae_title, host=self.host, port=self.port,
+                             calling_ae=self.calling_ae, timeout_s=self.timeout_s)
+
+    def echo(self) -> SendResult:
+        return scu.echo(ae_title=self.ae_title, host=self.host, port=self.port,
+                        calling_ae=self.calling_ae, timeout_s=self.timeout_s)
+
+    def describe(self) -> str:
+        return f"{self.name} (DICOM {self.ae_title}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True)
+class FolderDestination:
+    """A directory that receives each file as ``<SOPInstanceUID>.dcm``, written atomically."""
+
+    name: str
+    folder: Path
+
+    def send(self, path: Path) -> SendResult:
+        started = time.monotonic()
+        return replace(self._deliver(Path(path)), seconds=time.monotonic() - started)
+
+    def echo(self) -> SendResult:
+        """Create the folder if needed and prove it writable with a probe file."""
+        started = time.monotonic()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.folder):
+                pass
+        except OSError as exc:
+            result = self._failure(exc)
+        else:
+            result = SendResult(True, False, None, f"{self.folder}: writable", 0.0)
+        return replace(result, seconds=time.monotonic() - started)
+
+    def describe(self) -> str:
+        return f"{self.name} (folder {self.folder})"
+
+    def _deliver(self, source: Path) -> SendResult:
+        """Temp file in the same folder, fsync, rename: a reader sees nothing or the whole file."""
+        try:
+            uid = UID(dcmread(source, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        except (OSError, InvalidDicomError, AttributeError) as exc:
+            return SendResult(False, False, None, f"{self.folder}: cannot read {source}: {exc}", 0.0)
+        if not uid.is_valid:  # it becomes the file name: digits and dots only
+            return SendResult(False, False, None, f"{self.folder}: {source} has an invalid SOP Instance UID", 0.0)
+        target = self.folder / f"{uid}.dcm"
+        temp_name = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle, temp_name = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(handle, "wb") as temp, open(source, "rb") as original:
+                shutil.copyfileobj(original, temp)
+                temp.flush()
+                os.fsync(temp.fileno())
+            os.replace(temp_name, target)
+            temp_name = None
+            directory = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power cut
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            return self._failure(exc)
+        finally:
+            if temp_name is not None:
+                Path(temp_name).unlink(missing_ok=True)
+        return SendResult(True, False, None, f"{self.folder}: wrote {target.name}", 0.0)
+
+    def _failure(self, exc: OSError) -> SendResult:
+        """Not a directory: permanent. Anything else (disk full, permissions) can be fixed and retried."""
+        reason = (exc.strerror or str(exc)).lower()
+        if exc.errno in _NOT_A_FOLDER or (self.folder.exists() and not self.folder.is_dir()):
+            return SendResult(False, False, None, f"{self.folder}: not a directory ({reason})", 0.0)
+        return SendResult(False, True, None, f"{self.folder}: cannot write: {reason}", 0.0)
+
+
+def make_destination(cfg: config.Destination, calling_ae: str, *, base_dir: Path | None = None) -> Destination:
+    """The destination a [[destinations]] entry describes; the node's AE title calls PACS.
+
+    A relative folder is taken relative to ``base_dir`` (the configuration file's folder).
+    """
+    if cfg.folder is not None:
+        folder = cfg.folder if base_dir is None else base_dir / cfg.folder
+        return FolderDestination(cfg.name, folder)
+    return NetworkDestination(cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s)
+

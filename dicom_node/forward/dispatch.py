@@ -1,0 +1,66 @@
+"""Sends due deliveries: claim one from the job log, send it, record the outcome.
+
+Transient failures are retried on the configured policy until max_age_h after the image was
+received; permanent ones stop at once and show as failed for IT to act on. The scheduler runs
+`dispatch_due` every second, a few instances at a time; each claim is atomic, so no delivery is
+sent twice at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dicom_node.config import Config
+from dicom_node.forward.destinations import Destination, SendResult, make_destination
+from dicom_node.joblog import JobLog
+
+log = logging.getLogger("dicom_node.forward")
+
+LEASE_MARGIN_S = 60.0
+
+
+class Dispatcher:
+    def __init__(self, config: Config, joblog: JobLog, name: str | None = None):
+        self.config = config
+        self.joblog = joblog
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:dispatch"
+        self.destinations: dict[str, Destination] = {
+            d.name: make_destination(d, config.node.ae_title, base_dir=config.base_dir) for d in config.destinations
+        }
+        longest = max((d.timeout_s for d in config.destinations), default=0.0)
+        self.lease_s = longest + LEASE_MARGIN_S
+
+    def dispatch_due(self) -> int:
+        """Send every delivery that is due now; returns how many were attempted."""
+        attempted = 0
+        while (delivery := self.joblog.claim_delivery(self.name, self.lease_s)) is not None:
+            self.send(delivery)
+            attempted += 1
+        return attempted
+
+    def send(self, delivery) -> SendResult:
+        job = self.joblog.get_job(delivery.job_id)
+        destination = self.destinations.get(delivery.destination)
+        if destination is None:
+            result = SendResult(False, False, None, f"destination {delivery.destination!r} is no longer configured", 0.0)
+        else:
+            path = Path(job.derived_path if delivery.kind == "derived" else job.input_path)
+            result = destination.send(path)
+        if result.ok:
+            self.joblog.delivery_sent(delivery.id, status=result.status or 0, send_s=result.seconds)
+            log.info("job %s: %s sent to %s in %.2f s", job.id, delivery.kind, delivery.destination, result.seconds)
+            return result
+        retry_at = None
+        if result.transient:
+            retry_at = self.config.retry.retry_at(delivery.attempts, job.received_at, datetime.now(timezone.utc))
+        self.joblog.delivery_failed(delivery.id, error=result.message, status=result.status, retry_at=retry_at)
+        if retry_at is None:
+            log.error("job %s: %s to %s failed for good: %s", job.id, delivery.kind, delivery.destination, result.message)
+        else:
+            log.warning("job %s: %s to %s failed (%s); retry at %s", job.id, delivery.kind, delivery.destination,
+                        result.message, retry_at.isoformat(timespec="seconds"))
+        return result

@@ -1,0 +1,206 @@
+"""Tables of the job log and the frozen snapshots handed out of it.
+
+A job is one received image on its way to PACS; a delivery is one send of it (derived or
+original) to one destination. Rows change state only through `queue.JobLog`; everything else
+gets snapshots, so no caller holds a live session or can change a row by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class JobStatus(StrEnum):
+    received = "received"
+    processing = "processing"
+    forwarding = "forwarding"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"
+    sending = "sending"
+    sent = "sent"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+DELIVERY_KINDS = ("derived", "original")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python on every backend.
+
+    PostgreSQL keeps the zone (timestamptz); SQLite has none, so it stores naive UTC, which also
+    keeps its text timestamps comparable. Naive input is refused: its zone would be a guess.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware one")
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _status_type(enum: type[StrEnum], name: str) -> Enum:
+    """Plain VARCHAR of the values: new states need no ALTER TYPE on PostgreSQL."""
+    return Enum(enum, name=name, native_enum=False, length=16,
+                values_callable=lambda members: [member.value for member in members])
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str | None] = mapped_column(String(255))
+    station_name: Mapped[str | None] = mapped_column(String(255))
+    detector_serial: Mapped[str | None] = mapped_column(String(255))
+    profile: Mapped[str] = mapped_column(String(255))
+    pipeline: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    model_digest: Mapped[str | None] = mapped_column(String(128))
+    input_path: Mapped[str] = mapped_column(Text)
+    input_sha256: Mapped[str] = mapped_column(String(64))
+    input_bytes: Mapped[int] = mapped_column(BigInteger)
+    derived_path: Mapped[str | None] = mapped_column(Text)
+    derived_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[JobStatus] = mapped_column(_status_type(JobStatus, "job_status"))
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decoded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    restored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    derived_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decode_s: Mapped[float | None]
+    restore_s: Mapped[float | None]
+    derive_s: Mapped[float | None]
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    device: Mapped[str | None] = mapped_column(String(64))
+    qc: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (Index("ix_deliveries_claim", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[DeliveryStatus] = mapped_column(_status_type(DeliveryStatus, "delivery_status"))
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None]
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    send_s: Mapped[float | None]
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A job row as it was when read; safe to keep after the session is gone."""
+
+    id: int
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    called_ae: str
+    peer_host: str | None
+    station_name: str | None
+    detector_serial: str | None
+    profile: str
+    pipeline: str
+    model_name: str | None
+    model_digest: str | None
+    input_path: str
+    input_sha256: str
+    input_bytes: int
+    derived_path: str | None
+    derived_sop_instance_uid: str | None
+    status: JobStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    received_at: datetime
+    claimed_at: datetime | None
+    decoded_at: datetime | None
+    restored_at: datetime | None
+    derived_at: datetime | None
+    completed_at: datetime | None
+    decode_s: float | None
+    restore_s: float | None
+    derive_s: float | None
+    timings: dict[str, Any] | None
+    device: str | None
+    qc: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobSnapshot:
+        return cls(**{field.name: getattr(job, field.name) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class DeliverySnapshot:
+    """A delivery row as it was when read; safe to keep after the session is gone."""
+
+    id: int
+    job_id: int
+    destination: str
+    kind: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    last_status: int | None
+    sent_at: datetime | None
+    send_s: float | None
+
+    @classmethod
+    def of(cls, delivery: Delivery) -> DeliverySnapshot:
+        return cls(**{field.name: getattr(delivery, field.name) for field in fields(cls)})

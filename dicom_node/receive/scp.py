@@ -1,0 +1,328 @@
+"""The Storage SCP the modality talks to: accept, spool, record, answer — in milliseconds.
+
+Nothing here decodes pixels: the handler writes the bytes exactly as received, reads the header
+for the job row and answers. Success is sent only after the file is on stable storage and its job
+is committed; when either fails the modality hears 0xA700 and keeps the image to send again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import Config
+from dicom_node.imaging.read import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PRESENTATION, MG_FOR_PROCESSING
+from dicom_node.receive.allowlist import (
+    CALLED_AE_NOT_RECOGNISED,
+    LOCAL_LIMIT_EXCEEDED,
+    NO_REASON_TRANSIENT,
+    AllowList,
+    Refused,
+    Rejection,
+)
+from dicom_node.receive.spool import Spool
+
+log = logging.getLogger("dicom_node.receive")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_MEGABYTE = 1 << 20
+
+
+class JobRecord(Protocol):
+    input_sha256: str
+    status: str
+
+
+class JobSink(Protocol):
+    """Where received images become jobs; dicom_node.joblog.JobLog is the real one."""
+
+    def record_received(self, **fields: Any) -> int: ...
+
+    def find_by_sop_instance(self, uid: str) -> list[JobRecord]: ...
+
+
+class NotUnderstood(Exception):
+    """A received dataset the node cannot take: its status code and a comment for the sender."""
+
+    def __init__(self, status: int, comment: str):
+        super().__init__(comment)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Header:
+    """The few attributes the job row needs, read without touching the pixels."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    station_name: str | None
+    detector_serial: str | None
+
+
+def read_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> Header:
+    """Parse the header of a received file (stopping before Pixel Data) and check its UIDs.
+
+    `sop_class_uid`/`sop_instance_uid` are the C-STORE request's: the dataset must agree with
+    them. UIDs become folder and file names, so they must be digits and dots only.
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        uids = {name: str(ds.get(name, "") or "").strip() for name in
+                ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+        station_name, detector_serial = (str(ds.get(name, "") or "").strip() or None
+                                         for name in ("StationName", "DeviceSerialNumber"))
+    except Exception as exc:
+        raise NotUnderstood(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
+    for name, uid in uids.items():
+        if not uid:
+            raise NotUnderstood(CANNOT_UNDERSTAND, f"dataset lacks {name}")
+        if len(uid) > 64 or not _UID.fullmatch(uid):
+            raise NotUnderstood(CANNOT_UNDERSTAND, f"{name} is not a valid UID")
+    if uids["SOPClassUID"] != sop_class_uid:
+        raise NotUnderstood(DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's")
+    if uids["SOPInstanceUID"] != sop_instance_uid:
+        raise NotUnderstood(CANNOT_UNDERSTAND, "SOPInstanceUID differs from the request's")
+    return Header(uids["SOPClassUID"], uids["SOPInstanceUID"], uids["StudyInstanceUID"],
+                  uids["SeriesInstanceUID"], station_name, detector_serial)
+
+
+def _status_name(job: JobRecord) -> str:
+    """A job's status as text, whether the job log hands out a str, a StrEnum or a plain Enum."""
+    return str(getattr(job.status, "value", job.status))
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A C-STORE failure status with an Error Comment the sender's log shows (LO: 64 characters)."""
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
+    return status
+
+
+class StorageSCP:
+    """The node's Storage SCP: C-ECHO, and C-STORE of MG For Processing / For Presentation.
+
+    `port` overrides node.port (0: any free port, for tests); `.port` is the bound one.
+    """
+
+    def __init__(self, config: Config, sink: JobSink, *, port: int | None = None):
+        self.config = config
+        self.sink = sink
+        self.allowlist = AllowList(config)
+        self.spool = Spool(config.data_dir / "spool")
+        self._requested_port = config.node.port if port is None else port
+        self._server = None
+        # Serialises the duplicate check with the job insert per SOP Instance UID (striped, so
+        # different images from parallel associations do not wait for each other).
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        """Listen in background threads; returns at once."""
+        node = self.config.node
+        self.spool.prepare()
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_pdu_size = 0
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.add_supported_context(Verification)
+        for sop_class in (MG_FOR_PROCESSING, MG_FOR_PRESENTATION):
+            ae.add_supported_context(sop_class, LOSSLESS_TRANSFER_SYNTAXES)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed, ["released"]),
+            (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = ae.start_server((node.bind, self._requested_port), block=False, evt_handlers=handlers)
+        if self.allowlist.is_open:
+            log.warning("no [[sources]] configured: accepting any calling AE, profile %r",
+                        self.allowlist.default_profile)
+        log.info("storage SCP %s listening on %s:%d", node.ae_title, node.bind, self.port)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop listening; stores in progress may finish for `grace_s`, then what is left is aborted.
+
+        An aborted store was never answered, so the modality keeps the image and sends it again.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            assoc.abort()
+        log.info("storage SCP stopped")
+
+    def __enter__(self) -> "StorageSCP":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # Association
+
+    def _free_mb(self) -> float:
+        try:
+            return shutil.disk_usage(self.config.data_dir).free / _MEGABYTE
+        except OSError:
+            return 0.0
+
+    def _admit(self, calling_ae: str, called_ae: str, host: str) -> str:
+        """The profile of the association's images; raises Refused with the A-ASSOCIATE-RJ to send."""
+        node = self.config.node
+        if called_ae.strip() != node.ae_title:
+            raise Refused(CALLED_AE_NOT_RECOGNISED, f"called AE {called_ae.strip()!r} is not {node.ae_title!r}")
+        profile = self.allowlist.admit(calling_ae, host)
+        free_mb = self._free_mb()
+        if free_mb < node.min_free_disk_mb:
+            raise Refused(LOCAL_LIMIT_EXCEEDED, f"{free_mb:.0f} MB free under {self.config.data_dir}, "
+                                                f"below min_free_disk_mb = {node.min_free_disk_mb:g}")
+        return profile
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject here, before negotiation, so the peer hears the real reason (PS3.8 9.3.4).
+
+        Fails closed: pynetdicom would accept the association if this handler raised.
+        """
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling_ae, host = request.calling_ae_title.strip(), assoc.requestor.address
+        rejection: Rejection | None = None
+        try:
+            self._admit(calling_ae, request.called_ae_title, host)
+        except Refused as refused:
+            log.warning("association %s@%s rejected (%s): %s", calling_ae, host, refused.rejection.text, refused.why)
+            rejection = refused.rejection
+        except Exception:
+            log.exception("association %s@%s rejected: admission check failed", calling_ae, host)
+            rejection = NO_REASON_TRANSIENT
+        if rejection is not None:
+            assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
+            assoc.kill()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejection: in this node only max_associations leads there."""
+        reply = event.assoc.acceptor.primitive
+        log.warning("association %s@%s rejected by the association limit (%d): result %d, source %d, reason %d",
+                    event.assoc.requestor.primitive.calling_ae_title.strip(), event.assoc.requestor.address,
+                    self.config.node.max_associations, reply.result, reply.result_source, reply.diagnostic)
+
+    def _on_established(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.info("association %s@%s:%d accepted", requestor.ae_title, requestor.address, requestor.port)
+
+    def _on_closed(self, event: evt.Event, how: str) -> None:
+        requestor = event.assoc.requestor
+        log.info("association %s@%s %s", requestor.ae_title, requestor.address, how)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("C-ECHO from %s@%s", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        return SUCCESS
+
+    # Storage
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        started = time.perf_counter()
+        requestor = event.assoc.requestor
+        calling_ae, host = requestor.ae_title.strip(), requestor.address
+        request = event.request
+        data = event.encoded_dataset()
+        try:
+            header = read_header(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
+        except NotUnderstood as refused:
+            log.warning("C-STORE %s from %s@%s refused 0x%04X: %s", request.AffectedSOPInstanceUID,
+                        calling_ae, host, refused.status, refused)
+            return _status(refused.status, str(refused))
+        try:
+            # Admitted at association time; read again because a store does not carry it along.
+            profile_name = self.allowlist.admit(calling_ae, host)
+            job_id = self._accept(header, data, profile_name, calling_ae=calling_ae,
+                                  called_ae=requestor.primitive.called_ae_title.strip(), peer_host=host,
+                                  transfer_syntax_uid=str(event.context.transfer_syntax))
+        except Exception as exc:
+            log.exception("C-STORE %s from %s@%s failed 0xA700: the image is not safe",
+                          header.sop_instance_uid, calling_ae, host)
+            return _status(OUT_OF_RESOURCES, f"not stored: {type(exc).__name__}")
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        if job_id is None:
+            log.info("C-STORE %s from %s@%s: identical duplicate, no new job (%.1f ms)",
+                     header.sop_instance_uid, calling_ae, host, elapsed_ms)
+        else:
+            log.info("C-STORE %s from %s@%s: job %d, %d bytes, %.1f ms",
+                     header.sop_instance_uid, calling_ae, host, job_id, len(data), elapsed_ms)
+        return SUCCESS
+
+    def _accept(self, header: Header, data: bytes, profile_name: str, *, calling_ae: str, called_ae: str,
+                peer_host: str, transfer_syntax_uid: str) -> int | None:
+        """Spool and record one image; the job id, or None for an identical duplicate.
+
+        Raises on any spool or job-log failure, leaving no spooled file behind.
+        """
+        sha256 = hashlib.sha256(data).hexdigest()
+        profile = self.config.profiles[profile_name]
+        with self._uid_locks[hash(header.sop_instance_uid) % len(self._uid_locks)]:
+            if self._is_identical_duplicate(header.sop_instance_uid, sha256):
+                return None
+            path = self.spool.store(data, header.study_instance_uid, header.sop_instance_uid, sha256)
+            try:
+                return self.sink.record_received(
+                    sop_instance_uid=header.sop_instance_uid,
+                    study_instance_uid=header.study_instance_uid,
+                    series_instance_uid=header.series_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                    calling_ae=calling_ae,
+                    called_ae=called_ae,
+                    peer_host=peer_host,
+                    station_name=header.station_name,
+                    detector_serial=header.detector_serial,
+                    profile=profile_name,
+                    pipeline=profile.pipeline,
+                    model_name=profile.model,
+                    input_path=str(path),
+                    input_sha256=sha256,
+                    input_bytes=len(data),
+                )
+            except BaseException:
+                self.spool.discard(path)
+                raise
+
+    def _is_identical_duplicate(self, sop_instance_uid: str, sha256: str) -> bool:
+        """ignore-identical: the same bytes already have a live job (not failed or cancelled)."""
+        if self.config.node.duplicate_policy != "ignore-identical":
+            return False
+        return any(job.input_sha256 == sha256 and _status_name(job) not in ("failed", "cancelled")
+                   for job in self.sink.find_by_sop_instance(sop_instance_uid))

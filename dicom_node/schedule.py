@@ -1,0 +1,54 @@
+"""Every periodic duty of a running node, in one APScheduler instance.
+
+- dispatch: send due deliveries (several at once, each claimed atomically from the job log);
+- lease recovery: jobs and sends whose owner stopped renewing go back to the queue;
+- retention: spooled inputs and derived files of finished jobs are removed after retention_days
+  (an input is never removed before every destination has acknowledged its output).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_node.config import Config
+from dicom_node.forward.dispatch import Dispatcher
+from dicom_node.joblog import JobLog, JobStatus
+
+log = logging.getLogger("dicom_node.schedule")
+
+DISPATCH_EVERY_S = 1.0
+CONCURRENT_SENDS = 4
+LEASE_RECOVERY_EVERY_S = 30.0
+RETENTION_EVERY_H = 1.0
+
+
+def remove_expired_files(config: Config, joblog: JobLog, now: datetime | None = None) -> int:
+    """Delete the files of jobs that finished more than retention_days ago; returns files removed."""
+    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=config.node.retention_days)
+    removed = 0
+    for job in joblog.list_jobs(status=JobStatus.DONE, limit=None):
+        if job.completed_at is None or job.completed_at > cutoff:
+            continue
+        for name in (job.input_path, job.derived_path):
+            if name and Path(name).exists():
+                Path(name).unlink()
+                removed += 1
+    if removed:
+        log.info("retention: removed %d files of finished jobs", removed)
+    return removed
+
+
+def build_scheduler(config: Config, joblog: JobLog, dispatcher: Dispatcher) -> BackgroundScheduler:
+    scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "misfire_grace_time": 30})
+    scheduler.add_job(
+        dispatcher.dispatch_due, "interval", seconds=DISPATCH_EVERY_S, id="dispatch", max_instances=CONCURRENT_SENDS
+    )
+    scheduler.add_job(joblog.reclaim_expired, "interval", seconds=LEASE_RECOVERY_EVERY_S, id="lease-recovery")
+    scheduler.add_job(
+        remove_expired_files, "interval", hours=RETENTION_EVERY_H, args=(config, joblog), id="retention"
+    )
+    return scheduler
