@@ -379,6 +379,25 @@ def cancel(
     typer.echo(f"job {job_id} cancelled")
 
 
+@app.command()
+def selftest(
+    config: ConfigOption = None,
+    size: Annotated[str, typer.Option(help="Phantom rows x columns.")] = "512x416",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the restored image.")] = 600,
+) -> None:
+    """Push a synthetic phantom through the running node to a loopback receiver; time each stage."""
+    from dicom_node.selftest import SelftestError, run_selftest
+
+    cfg = load_config(config)
+    try:
+        report = run_selftest(cfg, size=_parse_size(size), timeout_s=timeout)
+    except SelftestError as exc:
+        raise UserError(f"selftest failed: {exc}") from None
+    typer.echo(f"selftest passed: job {report.job_id}, {report.sop_instance_uid} → {report.derived_sop_instance_uid}")
+    for stage, seconds in report.stages_s.items():
+        typer.echo(f"  {stage:<8} {seconds:8.2f} s")
+
+
 @app.command("check-config")
 def check_config(
     config: ConfigOption = None,

@@ -138,6 +138,20 @@ class RetryPolicy(_Strict):
         return when
 
 
+class SelftestSettings(_Strict):
+    """`dicom-node selftest` sends as calling_ae from loopback; the node restores the image with
+    the built-in "selftest" profile and sends it to the selftest's own loopback receiver, never to PACS."""
+
+    calling_ae: AeTitle = "DOSENODE-TEST"
+    receiver_ae: AeTitle = "SELFTEST-RCV"
+    receiver_port: int = Field(11113, ge=1, le=65535)
+    dose_fraction: float = Field(0.5, gt=0, le=1)
+
+
+SELFTEST_PROFILE = "selftest"
+SELFTEST_DESTINATION = "selftest-receiver"
+
+
 class Config(_Strict):
     node: NodeSettings = NodeSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -146,6 +160,7 @@ class Config(_Strict):
     profiles: dict[str, Profile] = {}
     detectors: dict[str, Detector] = {}
     worker: WorkerSettings = WorkerSettings()
+    selftest: SelftestSettings = SelftestSettings()
     retry: RetryPolicy = RetryPolicy()
     path: Path | None = Field(None, exclude=True)  # the file it came from (None: embedded defaults)
 
@@ -163,6 +178,22 @@ class Config(_Strict):
             if source.profile not in self.profiles:
                 raise ValueError(f"source {source.ae_title!r} names unknown profile {source.profile!r}")
         return self
+
+    def with_selftest(self) -> "Config":
+        """This configuration plus the selftest's profile and loopback destination (for `serve`)."""
+        if SELFTEST_PROFILE in self.profiles:
+            return self
+        receiver = Destination(
+            name=SELFTEST_DESTINATION, ae_title=self.selftest.receiver_ae, host="127.0.0.1",
+            port=self.selftest.receiver_port, timeout_s=30,
+        )
+        profile = Profile(pipeline="gat-bm3d", dose_fraction=self.selftest.dose_fraction, destinations=[receiver.name])
+        return self.model_copy(
+            update={
+                "destinations": [*self.destinations, receiver],
+                "profiles": {**self.profiles, SELFTEST_PROFILE: profile},
+            }
+        )
 
     @property
     def base_dir(self) -> Path:

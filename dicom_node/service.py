@@ -40,7 +40,7 @@ def _worker_process(config: Config) -> None:
 
 class Node:
     def __init__(self, config: Config, port: int | None = None):
-        self.config = config
+        self.config = config = config.with_selftest()
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.joblog = JobLog(config.database_url)
         self.receiver = StorageSCP(config, self.joblog, port=port)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from dicom_node.config import Config
+from dicom_node.config import SELFTEST_PROFILE, Config
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class AllowList:
         if not config.sources and not config.profiles:
             raise ValueError("no [[sources]] and no [profiles]: received images would have no profile")
         self.sources = config.sources
+        self.selftest_ae = config.selftest.calling_ae if SELFTEST_PROFILE in config.profiles else None
         self.default_profile = next(iter(config.profiles)) if not config.sources else None
 
     @property
@@ -69,6 +70,10 @@ class AllowList:
 
     def admit(self, calling_ae: str, peer_host: str) -> str:
         """The profile for images from `calling_ae` at `peer_host`; raises Refused otherwise."""
+        if self.selftest_ae and calling_ae.strip() == self.selftest_ae:
+            address = _address(peer_host)
+            if address is not None and address.is_loopback:
+                return SELFTEST_PROFILE
         if self.default_profile is not None:
             return self.default_profile
         calling_ae = calling_ae.strip()

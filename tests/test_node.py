@@ -1,0 +1,335 @@
+"""The running node against real peers: DCMTK storescu as the modality, Orthanc as the PACS.
+
+`dicom-node serve` runs as a subprocess with its own data folder on free loopback ports; the
+tests look at the result the way IT would: in Orthanc's REST API, with dciodvfy, and in the job log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicom_node.config import load_config
+from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
+from dicom_node.joblog import JobLog
+from dicom_node.restore.noise import NoiseModel
+from dicom_node.sim.acquisition import acquire
+from dicom_node.sim.phantom import make_phantom
+from dicomtools import dciodvfy_errors, gdcmconv, dcmtk_convert
+from peers import Orthanc, free_port, require, storescu
+
+SIM = NoiseModel(0.1, 3.0, 50.0)
+NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
+
+
+def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float = 30, send_timeout_s: float = 10) -> Path:
+    path = folder / "node.toml"
+    path.write_text(f"""
+[node]
+ae_title = "DOSENODE"
+port = {node_port}
+bind = "127.0.0.1"
+data_dir = "data"
+min_free_disk_mb = 1
+
+[[sources]]
+ae_title = "MAMMO1"
+hosts = ["127.0.0.0/8"]
+profile = "half-dose"
+
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {pacs_port}
+timeout_s = {send_timeout_s}
+
+[profiles.half-dose]
+pipeline = "gat-bm3d"
+dose_fraction = 0.5
+destinations = ["pacs"]
+
+[detectors.SIM-0001]
+gain = 0.1
+electronic_noise = 3.0
+offset = 50.0
+
+[worker]
+count = 1
+lease_s = {lease_s}
+heartbeat_s = 1
+
+[retry]
+initial_s = 1
+multiplier = 1.5
+jitter = 0
+max_delay_s = 3
+max_age_h = 1
+""")
+    return path
+
+
+class RunningNode:
+    def __init__(self, folder: Path, config_path: Path, port: int):
+        self.folder, self.config_path, self.port = folder, config_path, port
+        self.log_path = folder / "node.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RunningNode":
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen([NODE_BIN, "serve", "--config", str(self.config_path)],
+                                        stdout=log, stderr=log, cwd=self.folder)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        pytest.fail(f"the node did not start:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def joblog(self) -> JobLog:
+        return JobLog(load_config(self.config_path).database_url)
+
+    def wait_for_jobs(self, count: int, status: str = "done", timeout: float = 240) -> list:
+        deadline = time.monotonic() + timeout
+        jobs = []
+        while time.monotonic() < deadline:
+            jobs = self.joblog().list_jobs(limit=None)
+            if len(jobs) >= count and all(str(j.status) == status for j in jobs):
+                return jobs
+            time.sleep(0.5)
+        states = [(j.id, str(j.status), j.last_error) for j in jobs]
+        pytest.fail(f"jobs did not all reach {status}: {states}\n{self.log()[-4000:]}")
+
+    def worker_pids(self) -> list[int]:
+        children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
+                                  capture_output=True, text=True).stdout.splitlines()
+        return [int(line.split()[0]) for line in children if "spawn_main" in line]
+
+
+def make_input(folder: Path, seed: int, shape=(256, 208)) -> Path:
+    phantom = make_phantom(shape, seed=seed)
+    pixels = acquire(phantom.signal, SIM, 0.5, rng_or_seed=seed)
+    path = folder / f"low-dose-{seed}.dcm"
+    save_dataset(raw_mammogram_dataset(pixels, seed=seed, dose_label="50% dose"), path)
+    return path
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    yield orthanc
+    orthanc.stop()
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    nodes = []
+
+    def start(pacs_port: int, **options) -> RunningNode:
+        port = free_port()
+        folder = tmp_path / f"node{len(nodes)}"
+        folder.mkdir()
+        node = RunningNode(folder, write_config(folder, port, pacs_port, **options), port).start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+def derived_uid_in(orthanc: Orthanc, source_uid: str) -> str:
+    """The SOP Instance UID of the derived image Orthanc holds for a source instance."""
+    for orthanc_id in orthanc.instances():
+        ds = dcmread(__import__("io").BytesIO(orthanc.file(orthanc_id)), stop_before_pixels=True)
+        refs = [item.ReferencedSOPInstanceUID for item in ds.get("SourceImageSequence", [])]
+        if source_uid in refs:
+            return str(ds.SOPInstanceUID)
+    pytest.fail(f"Orthanc holds no image derived from {source_uid}")
+
+
+def test_storescu_to_node_to_orthanc(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port)
+    source = make_input(tmp_path, seed=1)
+    result = storescu(node.port, source)
+    assert result.returncode == 0, result.stderr
+    [job] = node.wait_for_jobs(1)
+    source_ds = dcmread(source)
+    orthanc_id = pacs.wait_for(job.derived_sop_instance_uid)
+    received = tmp_path / "received.dcm"
+    received.write_bytes(pacs.file(orthanc_id))
+    derived = dcmread(received)
+    # The recipe of docs/dicom.md, seen from PACS.
+    assert derived.SOPClassUID == source_ds.SOPClassUID
+    assert derived.StudyInstanceUID == source_ds.StudyInstanceUID
+    assert derived.SeriesInstanceUID != source_ds.SeriesInstanceUID
+    assert list(derived.ImageType)[:2] == ["DERIVED", "PRIMARY"]
+    assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
+    assert derived.ContributingEquipmentSequence[-1].Manufacturer
+    assert "gat-bm3d" in derived.DerivationDescription
+    assert derived.ExposureInuAs == source_ds.ExposureInuAs if "ExposureInuAs" in source_ds else True
+    assert dciodvfy_errors(received) == []
+    # Full-dose scale: the breast's signal doubled.
+    restored = read_mammogram(received).pixels.astype(float) - SIM.offset
+    low = read_mammogram(source).pixels.astype(float) - SIM.offset
+    inside = low < 0.5 * np.percentile(low, 99)
+    ratio = np.median(restored[inside]) / np.median(low[inside])
+    print(f"restored/low-dose signal ratio {ratio:.3f}")
+    assert 1.9 < ratio < 2.1
+    # The job row: every stage time and the QC figures.
+    print({k: getattr(job, k) for k in ("decode_s", "restore_s", "derive_s", "device", "attempts")})
+    for stamp in ("received_at", "claimed_at", "decoded_at", "restored_at", "derived_at", "completed_at"):
+        assert getattr(job, stamp) is not None, stamp
+    assert job.decode_s >= 0 and job.restore_s > 0 and job.derive_s >= 0
+    assert job.qc["mean_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert job.calling_ae == "MAMMO1" and job.profile == "half-dose" and job.pipeline == "gat-bm3d"
+    [delivery] = node.joblog().deliveries(job.id)
+    assert str(delivery.status) == "sent" and delivery.send_s is not None and delivery.sent_at is not None
+
+
+def test_compressed_inputs_are_restored(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port)
+    raw = make_input(tmp_path, seed=2)
+    jpegls = dcmtk_convert("dcmcjpls", raw, tmp_path / "jpegls.dcm")
+    raw3 = make_input(tmp_path, seed=3)
+    j2k = gdcmconv(raw3, tmp_path / "j2k.dcm", "--j2k")
+    assert storescu(node.port, jpegls, options=("-xt",)).returncode == 0
+    assert storescu(node.port, j2k, options=("-xv",)).returncode == 0
+    jobs = node.wait_for_jobs(2)
+    assert {j.transfer_syntax_uid for j in jobs} == {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"}
+    for job in jobs:
+        pacs.wait_for(job.derived_sop_instance_uid)
+
+
+def test_pacs_down_then_up_everything_is_delivered(tmp_path, node_factory):
+    pacs = Orthanc(tmp_path / "late-orthanc")
+    node = node_factory(pacs.dicom_port)
+    sources = [make_input(tmp_path, seed=s) for s in (10, 11, 12)]
+    assert storescu(node.port, *sources).returncode == 0
+    # Wait until the node has tried and failed at least once.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        deliveries = [d for j in node.joblog().list_jobs(limit=None) for d in node.joblog().deliveries(j.id)]
+        if len(deliveries) == 3 and all(d.attempts >= 1 and d.last_error for d in deliveries):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"deliveries never failed while PACS was down:\n{node.log()[-3000:]}")
+    print("while down:", [d.last_error for d in deliveries])
+    pacs.start()
+    try:
+        jobs = node.wait_for_jobs(3)
+        for job in jobs:
+            pacs.wait_for(job.derived_sop_instance_uid)
+        assert len(pacs.instances()) == 3
+    finally:
+        pacs.stop()
+
+
+def test_stalled_receiver_trips_the_watchdog_and_the_job_retries(tmp_path, node_factory):
+    storescp = require("storescp", "dcmtk")
+    port = free_port()
+    out = tmp_path / "storescp"
+    out.mkdir()
+    stalled = subprocess.Popen([storescp, "--sleep-during", "30", "-aet", "ORTHANC", "-od", str(out), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        node = node_factory(port, send_timeout_s=3)
+        # A large image, so that the sender blocks in socket.send while the receiver sleeps.
+        assert storescu(node.port, make_input(tmp_path, seed=20, shape=(1536, 1024))).returncode == 0
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            jobs = node.joblog().list_jobs(limit=None)
+            deliveries = node.joblog().deliveries(jobs[0].id) if jobs else []
+            if deliveries and deliveries[0].attempts >= 2:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the send was never retried:\n{node.log()[-3000:]}")
+        print("stalled send:", deliveries[0].last_error, "attempts", deliveries[0].attempts)
+        assert "watchdog" in deliveries[0].last_error or "no answer" in deliveries[0].last_error
+        assert node.process.poll() is None  # the node is still serving
+    finally:
+        stalled.kill()
+        stalled.wait()
+
+
+def test_worker_killed_mid_job_completes_after_restart_with_one_copy_in_pacs(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port, lease_s=4)
+    source = make_input(tmp_path, seed=30, shape=(1024, 832))
+    assert storescu(node.port, source).returncode == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        jobs = node.joblog().list_jobs(limit=None)
+        if jobs and str(jobs[0].status) == "processing":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the job was never claimed:\n{node.log()[-3000:]}")
+    pids = node.worker_pids()
+    assert pids, "no worker process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    [job] = node.wait_for_jobs(1, timeout=300)
+    assert job.attempts >= 2
+    pacs.wait_for(job.derived_sop_instance_uid)
+    assert len(pacs.instances()) == 1
+    assert "died" in node.log()
+
+
+def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serving(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port)
+    source = make_input(tmp_path, seed=40)
+    rejected = storescu(node.port, source, calling="STRANGER")
+    print(rejected.stderr.strip()[-300:])
+    assert rejected.returncode != 0
+    assert "Calling AE Title Not Recognized" in rejected.stderr + rejected.stdout
+    # A file whose meta header is right but whose dataset is garbage: a failure status, not a crash.
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import AE
+
+    meta = dcmread(source).file_meta
+    buffer = DicomBytesIO()
+    buffer.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta)
+    buffer.write(b"\x08\x00\x18\x00UI\xff\xff" + bytes(range(256)) * 4)
+    corrupt = tmp_path / "corrupt.dcm"
+    corrupt.write_bytes(buffer.getvalue())
+    ae = AE(ae_title="MAMMO1")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DOSENODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(corrupt)
+    assoc.release()
+    print(f"corrupt dataset status 0x{status.Status:04X}")
+    assert status.Status != 0x0000
+    # The node keeps serving.
+    assert storescu(node.port, source).returncode == 0
+    [job] = node.wait_for_jobs(1)
+    pacs.wait_for(job.derived_sop_instance_uid)
