@@ -65,6 +65,9 @@ def process(
         Optional[float], typer.Option("--electronic-noise", help="Electronic noise σe, standard deviation in ADU.")
     ] = None,
     offset: Annotated[Optional[float], typer.Option("--offset", help="Detector offset τ (ADU).")] = None,
+    blend: Annotated[
+        Optional[str], typer.Option(help="gat-bm3d blend: plain (smallest bias) or noise-aware (full-dose noise level).")
+    ] = None,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with timings and QC.")] = False,
 ) -> None:
@@ -83,6 +86,7 @@ def process(
         dose_fraction=dose_fraction,
         profile="offline",
         overrides=NoiseOverrides(gain, electronic_noise, offset),
+        options={"blend": blend} if blend else None,
     )
     write_started = time.perf_counter()
     try:

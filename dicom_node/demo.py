@@ -65,9 +65,9 @@ def write_phantom_study(
     np.save(outdir / f"mask-{stem}.npy", phantom.mask)
     np.save(outdir / f"calcifications-{stem}.npy", phantom.calcifications)
     files: dict[str, list[str]] = {}
-    for dose_index, dose in enumerate(doses):
+    for dose in doses:
         for k in range(repeats):
-            pixels = acquire(phantom.signal, noise, dose_fraction=dose, rng_or_seed=_rng(seed, dose_index, k))
+            pixels = acquire(phantom.signal, noise, dose_fraction=dose, rng_or_seed=_rng(seed, round(dose * 1e6), k))
             ds = raw_mammogram_dataset(
                 pixels,
                 seed=seed,

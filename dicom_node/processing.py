@@ -92,6 +92,7 @@ def restore_mammogram(
     overrides: NoiseOverrides = NoiseOverrides(),
     model_name: str | None = None,
     station_name: str | None = None,
+    options: dict | None = None,
 ) -> Processed:
     """Restore `image` to the target dose and build its derived DICOM instance."""
     if not image.params.for_processing:
@@ -103,7 +104,7 @@ def restore_mammogram(
         raise ProcessingError(f"dose fraction must be in (0, 1], got {dose_fraction}")
     noise, noise_source = resolve_noise(config, image, overrides)
     try:
-        restorer = create_restorer(pipeline)
+        restorer = create_restorer(pipeline, **(options or {}))
     except ValueError as exc:
         raise ProcessingError(str(exc)) from None
 
@@ -117,7 +118,7 @@ def restore_mammogram(
     dataset = build_derived(
         image.dataset,
         restored,
-        method=f"{pipeline} restoration to full dose from dose fraction {dose_fraction:g}",
+        method=f"{pipeline}{_describe_options(options)} restoration to full dose from dose fraction {dose_fraction:g}",
         profile=profile,
         model_name=model_name,
         model_digest=getattr(restorer, "digest", None),
@@ -129,6 +130,10 @@ def restore_mammogram(
     timings["derive"] = time.perf_counter() - started
     device = getattr(restorer, "device", "cpu")
     return Processed(dataset, noise, noise_source, qc, timings, device, getattr(restorer, "digest", None))
+
+
+def _describe_options(options: dict | None) -> str:
+    return "".join(f" {key}={value}" for key, value in sorted((options or {}).items()))
 
 
 def _describe_gain(gain: float | np.ndarray) -> str:

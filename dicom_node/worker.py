@@ -108,6 +108,7 @@ class Worker:
             dose_fraction=profile.dose_fraction,
             profile=job.profile,
             model_name=profile.model or None,
+            options={"blend": profile.blend} if profile.pipeline == "gat-bm3d" else None,
         )
         self.joblog.record_stage(job.id, "restored", processed.timings.get("total", 0.0))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.cli import main
@@ -117,6 +118,8 @@ def test_missing_pixel_data_is_refused(capsys, tmp_path):
 def test_unsupported_transfer_syntax_is_refused(capsys, tmp_path):
     ds = raw_mammogram_dataset(np.full((64, 48), 500, np.uint16), seed=1)
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG Baseline (lossy)
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    ds["PixelData"].VR = "OB"
     path = tmp_path / "lossy.dcm"
     ds.save_as(path, enforce_file_format=True)
     code, _, err = run(capsys, "process", str(path), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")

@@ -18,18 +18,19 @@ DOSE = 0.5
 REALISATIONS = 3
 GT_REALISATIONS = 10
 
-DETECTORS = {
-    "a-Se, Hologic-like": (NoiseModel(0.1, 3.0, 50.0), 1000.0),
-    "noisier, high offset": (NoiseModel(0.35, 8.0, 200.0), 2500.0),
+DETECTORS = {  # noise model, breast and direct-exposure signal at full dose (within 14 bits)
+    "a-Se, Hologic-like": (NoiseModel(0.1, 3.0, 50.0), 1000.0, 12000.0),
+    "noisier, high offset": (NoiseModel(0.35, 8.0, 200.0), 1500.0, 9000.0),
 }
 
 
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_mb_reaches_full_dose_noise_with_small_bias(name):
-    noise, tissue_level = DETECTORS[name]
-    phantom = make_phantom((288, 224), seed=21, tissue_level=tissue_level, background_level=12 * tissue_level)
+    noise, tissue_level, background_level = DETECTORS[name]
+    phantom = make_phantom((288, 224), seed=21, tissue_level=tissue_level, background_level=background_level)
     rng = np.random.default_rng(5)
-    restorer = create_restorer("gat-bm3d")
+    restorer = create_restorer("gat-bm3d", blend="plain")
+    noise_aware = create_restorer("gat-bm3d")  # the default
 
     def offset_free(stack):
         return np.stack(stack).astype(np.float64) - noise.offset
@@ -39,9 +40,10 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
     low_raw = [acquire(phantom.signal, noise, DOSE, rng) for _ in range(REALISATIONS)]
     low = offset_free(low_raw) / DOSE
     restored = offset_free([restorer.restore(z.astype(np.float64), noise, DOSE).image for z in low_raw])
+    aware = offset_free([noise_aware.restore(z.astype(np.float64), noise, DOSE).image for z in low_raw])
 
     figures = {}
-    for group, stack in (("FD", full), ("LD", low), ("MB", restored)):
+    for group, stack in (("FD", full), ("LD", low), ("MB", restored), ("MB noise-aware", aware)):
         protocol = mnse(stack, reference, phantom.mask)
         exact = exact_noise_bias(stack, phantom.signal, phantom.mask)
         retention = calcification_retention(stack.mean(0), phantom.signal, phantom.calcifications, phantom.mask)
@@ -50,11 +52,16 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
               f"B² {100 * protocol.b2:.3f}% | exact RN {100 * exact.rn:.2f}% B² {100 * exact.b2:.3f}% "
               f"| calcification contrast kept {retention:.2f}")
 
-    fd, ld, mb = (figures[g][0] for g in ("FD", "LD", "MB"))
-    fd_exact, mb_exact = figures["FD"][1], figures["MB"][1]
-    print(f"{name}: RN_MB/RN_FD {mb.rn / fd.rn:.3f}, MNSE_MB/MNSE_LD {mb.mnse / ld.mnse:.3f}")
-    assert 0.8 < mb.rn / fd.rn < 1.35
-    assert 0.8 < mb_exact.rn / fd_exact.rn < 1.35
-    assert mb.mnse < 0.7 * ld.mnse
-    assert mb.b2 < 0.1 * fd.rn
-    assert mb_exact.b2 < 0.1 * fd_exact.rn
+    fd, ld, mb, na = (figures[g][0] for g in ("FD", "LD", "MB", "MB noise-aware"))
+    fd_exact, mb_exact, na_exact = figures["FD"][1], figures["MB"][1], figures["MB noise-aware"][1]
+    print(f"{name}: RN/RN_FD plain {mb.rn / fd.rn:.3f}, noise-aware {na.rn / fd.rn:.3f}; "
+          f"MNSE/MNSE_LD plain {mb.mnse / ld.mnse:.3f}, noise-aware {na.mnse / ld.mnse:.3f}")
+    # The default (noise-aware) blend reaches the full-dose noise level and clearly beats the
+    # input's MNSE; its bias stays well below the noise it removed.
+    assert 0.85 < na.rn / fd.rn < 1.15 and 0.85 < na_exact.rn / fd_exact.rn < 1.15
+    assert na.mnse < 0.7 * ld.mnse
+    assert na.b2 < 0.3 * fd.rn and na_exact.b2 < 0.3 * fd_exact.rn
+    # The plain blend of science.md: less bias, but on textured breasts it stops short of
+    # the full-dose noise level (the BM3D estimate keeps some of the input's noise).
+    assert na_exact.b2 > mb_exact.b2 and mb.rn > na.rn
+    assert mb.rn < 0.85 * ld.rn and mb.mnse < 0.85 * ld.mnse

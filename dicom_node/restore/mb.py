@@ -100,10 +100,12 @@ class GatBm3dRestorer:
 
     blend="noise-aware" (default) measures the estimate's own noise on the image
     (`estimate_noise_statistics`, one extra denoiser call) and so reaches the full-dose noise
-    level (RN ≈ 0.94–0.95× full dose on synthetic phantoms at r = 0.5), with a larger B² than the
-    plain blend (more weight on the smoothed estimate) and twice the denoising time.
-    blend="plain" is science.md's blend: it assumes a noise-free estimate and so leaves the output
-    noisier than a full-dose image (RN ≈ 1.3–1.4×) with the smallest B².
+    level (RN ≈ 0.93–1.02× full dose on synthetic phantoms at r = 0.5), but it gives the smoothed
+    estimate more weight, so fine texture that BM3D removed shows as bias (B² ≈ 0.7–2.8 %), at
+    twice the denoising time.
+    blend="plain" is science.md's blend: it assumes a noise-free estimate, so on textured images
+    the output stays noisier than a full-dose image (RN ≈ 1.3–1.7×) with the smallest bias
+    (B² ≈ 0.3–1 %). Which to use is a QA decision per profile ([profiles.X] blend).
 
     QC figures (`Restoration.qc`; NaN where undefined, e.g. no breast found or r = 1):
     - breast_fraction: fraction of the image inside the breast mask;
