@@ -98,7 +98,7 @@ class Destination(_Strict):
 class Profile(_Strict):
     pipeline: Literal["gat-bm3d", "deep"] = "gat-bm3d"
     model: str = ""
-    blend: Literal["noise-aware", "plain"] = "noise-aware"  # gat-bm3d: see GatBm3dRestorer
+    blend: Literal["plain", "noise-aware"] = "plain"  # gat-bm3d: see GatBm3dRestorer
     dose_fraction: float = Field(gt=0, le=1)
     destinations: list[str] = []
     forward_original: bool = False

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
@@ -18,6 +18,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import StatementError
 
 from dicom_node.joblog import DeliverySnapshot, DeliveryStatus, JobLog, JobSnapshot, JobStatus
 from dicom_node.joblog.models import Base, Delivery, Job
@@ -44,7 +45,7 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def log(db_path: Path) -> JobLog:
+def log(db_path: Path) -> Iterator[JobLog]:
     joblog = JobLog(url_of(db_path))
     yield joblog
     joblog.close()
@@ -67,6 +68,12 @@ def processed(log: JobLog, job_id: int, worker: str, deliveries: list[tuple[str,
 
 
 # --- schema ------------------------------------------------------------------------------------
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", "dicom_node.joblog:migrations")
+    return config
+
 
 def test_migration_on_empty_file_matches_models_and_sets_pragmas(log, db_path):
     assert db_path.is_file()  # its folder was created too
@@ -98,20 +105,9 @@ def test_reopening_an_existing_file_keeps_data_and_schema(log, db_path):
 def test_concurrent_first_opens_migrate_once(tmp_path):
     """The receiver and the workers start together on a fresh file: none may fail."""
     url = url_of(tmp_path / "fresh" / "joblog.sqlite")
-    errors: list[BaseException] = []
-
-    def open_log() -> None:
-        try:
-            JobLog(url).close()
-        except BaseException as error:  # noqa: BLE001 - collected and asserted below
-            errors.append(error)
-
-    threads = [threading.Thread(target=open_log) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    with ThreadPoolExecutor(6) as pool:
+        for opened in [pool.submit(JobLog, url) for _ in range(6)]:
+            opened.result().close()  # re-raises a failed open
     joblog = JobLog(url)
     with joblog.engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
@@ -123,12 +119,6 @@ def test_snapshots_carry_every_column():
     assert {f.name for f in fields(DeliverySnapshot)} == set(Delivery.__table__.columns.keys())
 
 
-def _alembic_config() -> Config:
-    config = Config()
-    config.set_main_option("script_location", "dicom_node.joblog:migrations")
-    return config
-
-
 # --- jobs ----------------------------------------------------------------------------------------
 
 def test_received_job_has_aware_utc_times_and_naive_times_are_refused(log):
@@ -136,9 +126,10 @@ def test_received_job_has_aware_utc_times_and_naive_times_are_refused(log):
     job = log.get_job(log.record_received(**job_fields(1)))
     assert job.status == JobStatus.received and job.attempts == 0
     assert job.received_at.tzinfo == UTC and before <= job.received_at <= datetime.now(UTC)
-    claimed = log.claim_job("w1", 30)
-    with pytest.raises(Exception, match="naive"):
-        log.job_failed(claimed.id, "w1", "boom", retry_at=datetime(2030, 1, 1))
+    claim = log.claim_job("w1", 30)
+    with pytest.raises(StatementError, match="naive"):
+        log.job_failed(claim.id, "w1", "boom", retry_at=datetime(2030, 1, 1))
+    assert log.get_job(claim.id).status == JobStatus.processing  # nothing half-written
 
 
 def test_claim_takes_oldest_first_and_each_job_once(log):
@@ -306,6 +297,17 @@ def test_retry_and_cancel_of_jobs(log):
         log.cancel(claimed.id)
 
 
+def test_a_send_in_flight_when_cancelled_is_not_retried_until_the_job_is(log):
+    processed(log, claimed(log).id, "w1", [("pacs", "derived")])
+    sending = log.claim_delivery("f1", 30)
+    assert log.cancel(sending.job_id)
+    log.delivery_failed(sending.id, error="association aborted", status=None,
+                        retry_at=datetime.now(UTC))
+    assert log.claim_delivery("f1", 30, now=datetime.now(UTC) + timedelta(hours=1)) is None
+    assert log.retry(sending.job_id)
+    assert log.claim_delivery("f1", 30).id == sending.id
+
+
 def test_list_jobs_filters_and_find_by_sop_instance(log):
     ids = [log.record_received(**job_fields(n)) for n in range(5)]
     log.record_received(**job_fields(2))  # a duplicate instance
@@ -317,7 +319,8 @@ def test_list_jobs_filters_and_find_by_sop_instance(log):
     assert [j.id for j in log.list_jobs(status="received", limit=2)] == [ids[-1] + 1, ids[4]]
     assert [j.id for j in log.list_jobs(since=midpoint)] == [ids[-1] + 1, ids[4], ids[3]]
     assert log.list_jobs(status="done") == []
-    assert [j.id for j in log.find_by_sop_instance(job_fields(2)["sop_instance_uid"])] == [ids[2], ids[-1] + 1]
+    duplicates = log.find_by_sop_instance(job_fields(2)["sop_instance_uid"])
+    assert [j.id for j in duplicates] == [ids[2], ids[-1] + 1]
     assert log.get_job(12345) is None
 
 
@@ -330,7 +333,8 @@ def claim_all(url: str, worker: str, ready, go) -> list[tuple[int, str, int]]:
     """
     joblog = JobLog(url)
     ready.release()
-    go.wait()
+    if not go.wait(timeout=60):
+        raise TimeoutError("no start signal")
     claims = []
     while (job := joblog.claim_job(worker, 300)) is not None:
         claims.append((job.id, worker, os.getpid()))

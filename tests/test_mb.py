@@ -48,7 +48,7 @@ def restorations():
     """Full-dose, half-dose, and the restored half-dose images, a few noise realisations each."""
     rng = np.random.default_rng(7)
     signal, breast = phantom()
-    plain, aware = GatBm3dRestorer(blend="plain"), GatBm3dRestorer()
+    plain, aware = GatBm3dRestorer(), GatBm3dRestorer(blend="noise-aware")
     runs = {"full": [], "linear": [], "plain": [], "noise-aware": []}
     for _ in range(REALISATIONS):
         low = acquire(signal, 0.5, rng)

@@ -29,8 +29,8 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
     noise, tissue_level, background_level = DETECTORS[name]
     phantom = make_phantom((288, 224), seed=21, tissue_level=tissue_level, background_level=background_level)
     rng = np.random.default_rng(5)
-    restorer = create_restorer("gat-bm3d", blend="plain")
-    noise_aware = create_restorer("gat-bm3d")  # the default
+    restorer = create_restorer("gat-bm3d")  # the default: science.md's plain blend
+    noise_aware = create_restorer("gat-bm3d", blend="noise-aware")
 
     def offset_free(stack):
         return np.stack(stack).astype(np.float64) - noise.offset
@@ -56,12 +56,11 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
     fd_exact, mb_exact, na_exact = figures["FD"][1], figures["MB"][1], figures["MB noise-aware"][1]
     print(f"{name}: RN/RN_FD plain {mb.rn / fd.rn:.3f}, noise-aware {na.rn / fd.rn:.3f}; "
           f"MNSE/MNSE_LD plain {mb.mnse / ld.mnse:.3f}, noise-aware {na.mnse / ld.mnse:.3f}")
-    # The default (noise-aware) blend reaches the full-dose noise level and clearly beats the
-    # input's MNSE; its bias stays well below the noise it removed.
-    assert 0.85 < na.rn / fd.rn < 1.15 and 0.85 < na_exact.rn / fd_exact.rn < 1.15
-    assert na.mnse < 0.7 * ld.mnse
-    assert na.b2 < 0.3 * fd.rn and na_exact.b2 < 0.3 * fd_exact.rn
-    # The plain blend of science.md: less bias, but on textured breasts it stops short of
-    # the full-dose noise level (the BM3D estimate keeps some of the input's noise).
-    assert na_exact.b2 > mb_exact.b2 and mb.rn > na.rn
-    assert mb.rn < 0.85 * ld.rn and mb.mnse < 0.85 * ld.mnse
+    # The default (plain) blend: far below the input's noise (RN_LD ≈ 2·RN_FD) with a small bias,
+    # but short of the full-dose level on a textured breast (the BM3D estimate keeps some noise).
+    assert 0.9 < mb.rn / fd.rn < 1.8 and 0.9 < mb_exact.rn / fd_exact.rn < 1.8
+    assert mb.mnse < 0.85 * ld.mnse
+    assert mb.b2 < 0.05 * fd.rn and mb_exact.b2 < 0.05 * fd_exact.rn
+    # The noise-aware blend gets closer to the full-dose noise level, paying in bias.
+    assert abs(na.rn / fd.rn - 1) < abs(mb.rn / fd.rn - 1)
+    assert na.mnse < mb.mnse and na_exact.b2 > mb_exact.b2

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 
 BUSY_TIMEOUT_MS = 30_000
-WRITE = {"begin_immediate": False}
+WRITE = {"begin_immediate": True}
 """Execution options of a write transaction (the engine's `begin` hook reads them)."""
 
 _MIGRATIONS = "dicom_node.joblog:migrations"

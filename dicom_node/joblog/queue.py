@@ -181,8 +181,14 @@ class JobLog:
 
     # --- forwarding ------------------------------------------------------------------------
 
-    def claim_delivery(self, worker: str, lease_s: float, now: datetime | None = None) -> DeliverySnapshot | None:
-        """Take the delivery due first: 'pending' and due, or 'sending' whose lease expired."""
+    def claim_delivery(
+        self, worker: str, lease_s: float, now: datetime | None = None,
+    ) -> DeliverySnapshot | None:
+        """Take the delivery due first: 'pending' and due, or 'sending' whose lease expired.
+
+        Nothing of a cancelled job is taken, even a send that failed or was reclaimed after the
+        cancel put it back to 'pending'; retrying the job resumes it.
+        """
         now = now or utcnow()
         due = or_(
             and_(Delivery.status == DeliveryStatus.pending,
@@ -191,9 +197,9 @@ class JobLog:
         )
         with self._transaction() as session:
             delivery = session.scalars(
-                select(Delivery).where(due)
+                select(Delivery).join(Job).where(due, Job.status != JobStatus.cancelled)
                 .order_by(Delivery.next_attempt_at, Delivery.id).limit(1)
-                .with_for_update(skip_locked=True)
+                .with_for_update(of=Delivery, skip_locked=True)
             ).first()
             if delivery is None:
                 return None
@@ -264,7 +270,8 @@ class JobLog:
             if job.status in (JobStatus.received, JobStatus.forwarding):
                 return False
             if job.status not in (JobStatus.failed, JobStatus.cancelled):
-                raise ValueError(f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
+                raise ValueError(
+                    f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
             if job.derived_path is None:
                 job.status = JobStatus.received
                 job.next_attempt_at = None
@@ -283,7 +290,7 @@ class JobLog:
         """Stop a job and its pending deliveries; False if it was cancelled already.
 
         A worker holding it loses the lease (its heartbeat returns False); a send in flight
-        finishes. Raises ValueError for an unknown job or one that is done.
+        finishes but is not retried. Raises ValueError for an unknown job or one that is done.
         """
         with self._transaction() as session:
             job = self._job(session, job_id)

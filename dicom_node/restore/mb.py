@@ -77,17 +77,17 @@ def estimate_noise_statistics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Local (s², c) of a GAT-domain estimate D, measured on this image (noise var = 1 there).
 
-    c = cov(n, ε) is the denoiser's divergence ∂D_i/∂f_i (Stein's lemma), estimated by one
-    Monte-Carlo probe: b·(D(f + δb) − D(f))/δ for white b, averaged locally. BM3D shrinks
-    coefficients of a locally orthonormal transform, so on the noise it acts like a projection
-    H (H² ≈ H = Hᵀ), for which var(ε_i) = Σ_j H_ij² = H_ii = c: s² is taken equal to c.
-    (Reading s² from the residual f − D instead counts the structure BM3D removed as noise and
-    over-smooths.) Costs one more denoiser call.
+    Near f the denoiser acts on a small noise perturbation like a linear operator H, so one
+    Monte-Carlo probe with white b, r = (D(f + δb) − D(f))/δ ≈ Hb, gives both figures by local
+    averaging: c = cov(n, ε) = H_ii ≈ ⟨b·r⟩ (Stein's divergence) and s² = var(ε) = Σ_j H_ij² ≈ ⟨r²⟩.
+    (Reading s² from the residual f − D instead counts the structure BM3D removed as noise.)
+    Costs one more denoiser call.
     """
     probe = np.random.default_rng(seed).standard_normal(gat_image.shape)
     response = (denoiser(gat_image + _PROBE_STEP * probe, 1.0) - gat_estimate) / _PROBE_STEP
     covariance = np.clip(ndimage.gaussian_filter(probe * response, _LOCAL_WINDOW), 0.0, 0.99)
-    return covariance, covariance
+    variance = np.clip(ndimage.gaussian_filter(response**2, _LOCAL_WINDOW), 0.0, 0.99)
+    return variance, covariance
 
 
 @register_restorer("gat-bm3d")
@@ -98,14 +98,14 @@ class GatBm3dRestorer:
     change to the linear rescale (z − τ)/r + τ used outside it happens in the background, away
     from tissue and from BM3D's own edge effects; no transition zone is needed.
 
-    blend="noise-aware" (default) measures the estimate's own noise on the image
-    (`estimate_noise_statistics`, one extra denoiser call) and so reaches the full-dose noise
-    level (RN ≈ 0.93–1.02× full dose on synthetic phantoms at r = 0.5), but it gives the smoothed
-    estimate more weight, so fine texture that BM3D removed shows as bias (B² ≈ 0.7–2.8 %), at
-    twice the denoising time.
-    blend="plain" is science.md's blend: it assumes a noise-free estimate, so on textured images
-    the output stays noisier than a full-dose image (RN ≈ 1.3–1.7×) with the smallest bias
-    (B² ≈ 0.3–1 %). Which to use is a QA decision per profile ([profiles.X] blend).
+    blend="plain" (default) is science.md's blend: it assumes a noise-free estimate, so on
+    textured breasts the output stays noisier than a full-dose image (RN ≈ 1.1–1.7× full dose on
+    synthetic phantoms at r = 0.5: the BM3D estimate keeps part of the input's noise, correlated
+    with it), with the smallest bias (B² ≈ 0.3–1 %).
+    blend="noise-aware" (experimental) measures the estimate's own noise on the image
+    (`estimate_noise_statistics`, one extra denoiser call) and solves for the full-dose variance;
+    it lands nearer the full-dose noise level (RN ≈ 0.85–1.25×) but gives the smoothed estimate
+    more weight, so texture BM3D removed shows as bias (B² ≈ 1.4–3.3 %). Chosen per profile.
 
     QC figures (`Restoration.qc`; NaN where undefined, e.g. no breast found or r = 1):
     - breast_fraction: fraction of the image inside the breast mask;
@@ -130,7 +130,7 @@ class GatBm3dRestorer:
         denoiser: str | Denoiser = "bm3d",
         denoiser_options: Mapping[str, object] | None = None,
         margin: int = _MIN_MARGIN,
-        blend: str = "noise-aware",
+        blend: str = "plain",
     ) -> None:
         if margin < _MIN_MARGIN:
             raise ValueError(f"margin must be at least {_MIN_MARGIN} px so BM3D has context around the breast")
