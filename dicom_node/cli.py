@@ -421,7 +421,7 @@ def check_config(
     for entry in cfg.destinations:
         dest = _destination(cfg, entry.name)
         result = dest.echo()
-        typer.echo(f"  {dest.describe()}: {'ok' if result.ok else result.message}")
+        typer.echo(f"  {entry.name}: " + (f"ok ({dest.describe()})" if result.ok else result.message))
         if not result.ok:
             failed.append(entry.name)
     if failed:

@@ -11,3 +11,5 @@ def configure_logging(level: str | None = None) -> None:
     )
     # pynetdicom narrates every PDU at INFO; its warnings and errors are what IT needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # APScheduler logs every run of the once-a-second dispatch job at INFO.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

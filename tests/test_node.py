@@ -31,7 +31,8 @@ SIM = NoiseModel(0.1, 3.0, 50.0)
 NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
 
 
-def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float = 30, send_timeout_s: float = 10) -> Path:
+def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float = 30, send_timeout_s: float = 10,
+                 selftest_port: int = 11113) -> Path:
     path = folder / "node.toml"
     path.write_text(f"""
 [node]
@@ -67,6 +68,9 @@ offset = 50.0
 count = 1
 lease_s = {lease_s}
 heartbeat_s = 1
+
+[selftest]
+receiver_port = {selftest_port}
 
 [retry]
 initial_s = 1
@@ -125,7 +129,7 @@ class RunningNode:
         pytest.fail(f"jobs did not all reach {status}: {states}\n{self.log()[-4000:]}")
 
     def worker_pids(self) -> list[int]:
-        children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
+        children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
                                   capture_output=True, text=True).stdout.splitlines()
         return [int(line.split()[0]) for line in children if "spawn_main" in line]
 
@@ -153,6 +157,7 @@ def node_factory(tmp_path):
         port = free_port()
         folder = tmp_path / f"node{len(nodes)}"
         folder.mkdir()
+        options.setdefault("selftest_port", free_port())
         node = RunningNode(folder, write_config(folder, port, pacs_port, **options), port).start()
         nodes.append(node)
         return node
@@ -302,7 +307,8 @@ def test_worker_killed_mid_job_completes_after_restart_with_one_copy_in_pacs(tmp
     assert "died" in node.log()
 
 
-def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serving(tmp_path, pacs, node_factory):
+def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serving(tmp_path, pacs, node_factory,
+                                                                                    monkeypatch):
     node = node_factory(pacs.dicom_port)
     source = make_input(tmp_path, seed=40)
     rejected = storescu(node.port, source, calling="STRANGER")
@@ -310,19 +316,28 @@ def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serv
     assert rejected.returncode != 0
     assert "Calling AE Title Not Recognized" in rejected.stderr + rejected.stdout
     # A file whose meta header is right but whose dataset is garbage: a failure status, not a crash.
-    from pydicom.filebase import DicomBytesIO
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomFileLike
     from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
 
-    meta = dcmread(source).file_meta
-    buffer = DicomBytesIO()
-    buffer.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta)
-    buffer.write(b"\x08\x00\x18\x00UI\xff\xff" + bytes(range(256)) * 4)
+    from dicom_node.imaging import MG_FOR_PROCESSING
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MG_FOR_PROCESSING
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.9.7.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     corrupt = tmp_path / "corrupt.dcm"
-    corrupt.write_bytes(buffer.getvalue())
+    with corrupt.open("wb") as file:
+        file.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(file), meta)
+        file.write(b"\x08\x00\x18\x00UI\xff\xff" + bytes(range(256)) * 4)
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
     ae = AE(ae_title="MAMMO1")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    ae.add_requested_context(MG_FOR_PROCESSING, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DOSENODE")
     assert assoc.is_established
     status = assoc.send_c_store(corrupt)
@@ -333,3 +348,42 @@ def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serv
     assert storescu(node.port, source).returncode == 0
     [job] = node.wait_for_jobs(1)
     pacs.wait_for(job.derived_sop_instance_uid)
+
+
+def node_command(node: RunningNode, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([NODE_BIN, *args, "--config", str(node.config_path)], capture_output=True, text=True,
+                          timeout=300, cwd=node.folder)
+
+
+def test_selftest_and_the_commands_for_it(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port)
+    result = node_command(node, "selftest", "--size", "256x208", "--timeout", "240")
+    print(result.stdout, result.stderr[-500:])
+    assert result.returncode == 0, result.stderr
+    assert "selftest passed" in result.stdout
+    for stage in ("queued", "decode", "restore", "derive", "forward", "total"):
+        assert stage in result.stdout
+    assert pacs.instances() == []  # the phantom never reaches PACS
+    # The job log as IT sees it.
+    listed = node_command(node, "jobs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    jobs = __import__("json").loads(listed.stdout)
+    assert len(jobs) == 1 and jobs[0]["status"] == "done" and jobs[0]["profile"] == "selftest"
+    assert node_command(node, "jobs", "--status", "failed").stdout.strip() == ""
+    echo = node_command(node, "echo", "pacs")
+    assert echo.returncode == 0 and "ok" in echo.stdout, echo.stderr
+    check = node_command(node, "check-config")
+    assert check.returncode == 0 and "valid" in check.stdout, check.stderr
+    for args, fragment in ((("cancel", str(jobs[0]["id"])), "done"), (("retry", "999"), "999"),
+                           (("echo", "nowhere"), "no destination"), (("jobs", "--status", "lost"), "--status")):
+        bad = node_command(node, *args)
+        print(bad.stderr.strip())
+        assert bad.returncode != 0 and fragment in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_check_config_reports_an_unreachable_destination(tmp_path):
+    config = write_config(tmp_path, free_port(), free_port())
+    result = subprocess.run([NODE_BIN, "check-config", "--config", str(config)], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    print(result.stdout, result.stderr)
+    assert result.returncode != 0 and "pacs" in result.stderr and "connection refused" in result.stdout
