@@ -19,7 +19,7 @@ from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_datas
 from dicom_node.processing import restore_mammogram
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.sim.acquisition import acquire
-from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mean_snr, mnse, pseudo_ground_truth
+from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mean_snr, mnse
 from dicom_node.sim.phantom import Phantom, flat_field, make_phantom
 
 FULL_DOSE_MAS = 100.0  # tube load of the simulated full-dose exposure; scales with the dose fraction

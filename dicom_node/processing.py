@@ -13,7 +13,7 @@ import numpy as np
 from pydicom import Dataset
 
 from dicom_node import __version__
-from dicom_node.config import Config, ConfigError
+from dicom_node.config import Config
 from dicom_node.imaging import MammoImage, build_derived
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import create_restorer

@@ -3,7 +3,8 @@
 - dispatch: send due deliveries (several at once, each claimed atomically from the job log);
 - lease recovery: jobs and sends whose owner stopped renewing go back to the queue;
 - retention: spooled inputs and derived files of finished jobs are removed after retention_days
-  (an input is never removed before every destination has acknowledged its output).
+  (an input is never removed before every destination has acknowledged its output), and spool
+  files that no job refers to (written, then the job row failed: never acknowledged) after a day.
 """
 
 from __future__ import annotations
@@ -24,18 +25,28 @@ DISPATCH_EVERY_S = 1.0
 CONCURRENT_SENDS = 4
 LEASE_RECOVERY_EVERY_S = 30.0
 RETENTION_EVERY_H = 1.0
+ORPHAN_AGE_S = 24 * 3600.0  # long past any store still between its spool write and its job row
 
 
 def remove_expired_files(config: Config, joblog: JobLog, now: datetime | None = None) -> int:
     """Delete the files of jobs that finished more than retention_days ago; returns files removed."""
-    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=config.node.retention_days)
+    now = now or datetime.now(timezone.utc)
+    cutoff = now - timedelta(days=config.node.retention_days)
     removed = 0
-    for job in joblog.list_jobs(status=JobStatus.DONE, limit=None):
-        if job.completed_at is None or job.completed_at > cutoff:
+    jobs = joblog.list_jobs(limit=None)
+    for job in jobs:
+        if job.status != JobStatus.done or job.completed_at is None or job.completed_at > cutoff:
             continue
         for name in (job.input_path, job.derived_path):
             if name and Path(name).exists():
                 Path(name).unlink()
+                removed += 1
+    referenced = {Path(job.input_path) for job in jobs if job.input_path}
+    spool = config.data_dir / "spool"
+    if spool.is_dir():
+        for path in spool.glob("*/*.dcm"):
+            if path not in referenced and now.timestamp() - path.stat().st_mtime > ORPHAN_AGE_S:
+                path.unlink()
                 removed += 1
     if removed:
         log.info("retention: removed %d files of finished jobs", removed)

@@ -6,6 +6,8 @@ tests look at the result the way IT would: in Orthanc's REST API, with dciodvfy,
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import socket
@@ -32,7 +34,7 @@ NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
 
 
 def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float = 30, send_timeout_s: float = 10,
-                 selftest_port: int = 11113) -> Path:
+                 selftest_port: int = 11113, forward_original: bool = False) -> Path:
     path = folder / "node.toml"
     path.write_text(f"""
 [node]
@@ -58,6 +60,7 @@ timeout_s = {send_timeout_s}
 pipeline = "gat-bm3d"
 dose_fraction = 0.5
 destinations = ["pacs"]
+forward_original = {str(forward_original).lower()}
 
 [detectors.SIM-0001]
 gain = 0.1
@@ -167,16 +170,6 @@ def node_factory(tmp_path):
         node.stop()
 
 
-def derived_uid_in(orthanc: Orthanc, source_uid: str) -> str:
-    """The SOP Instance UID of the derived image Orthanc holds for a source instance."""
-    for orthanc_id in orthanc.instances():
-        ds = dcmread(__import__("io").BytesIO(orthanc.file(orthanc_id)), stop_before_pixels=True)
-        refs = [item.ReferencedSOPInstanceUID for item in ds.get("SourceImageSequence", [])]
-        if source_uid in refs:
-            return str(ds.SOPInstanceUID)
-    pytest.fail(f"Orthanc holds no image derived from {source_uid}")
-
-
 def test_storescu_to_node_to_orthanc(tmp_path, pacs, node_factory):
     node = node_factory(pacs.dicom_port)
     source = make_input(tmp_path, seed=1)
@@ -228,6 +221,17 @@ def test_compressed_inputs_are_restored(tmp_path, pacs, node_factory):
     assert {j.transfer_syntax_uid for j in jobs} == {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"}
     for job in jobs:
         pacs.wait_for(job.derived_sop_instance_uid)
+
+
+def test_forward_original_sends_both_images(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port, forward_original=True)
+    source = make_input(tmp_path, seed=5)
+    assert storescu(node.port, source).returncode == 0
+    [job] = node.wait_for_jobs(1)
+    pacs.wait_for(job.derived_sop_instance_uid)
+    original = pacs.wait_for(str(dcmread(source).SOPInstanceUID))
+    assert dcmread(io.BytesIO(pacs.file(original))).PixelData == dcmread(source).PixelData  # untouched
+    assert sorted(str(d.kind) for d in node.joblog().deliveries(job.id)) == ["derived", "original"]
 
 
 def test_pacs_down_then_up_everything_is_delivered(tmp_path, node_factory):
@@ -367,7 +371,7 @@ def test_selftest_and_the_commands_for_it(tmp_path, pacs, node_factory):
     # The job log as IT sees it.
     listed = node_command(node, "jobs", "--json")
     assert listed.returncode == 0, listed.stderr
-    jobs = __import__("json").loads(listed.stdout)
+    jobs = json.loads(listed.stdout)
     assert len(jobs) == 1 and jobs[0]["status"] == "done" and jobs[0]["profile"] == "selftest"
     assert node_command(node, "jobs", "--status", "failed").stdout.strip() == ""
     echo = node_command(node, "echo", "pacs")
