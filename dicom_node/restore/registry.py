@@ -15,7 +15,7 @@ import numpy as np
 
 from dicom_node.restore.noise import NoiseModel
 
-_BUILTIN_MODULES = ("dicom_node.restore.mb",)
+_BUILTIN_MODULES = ("dicom_node.restore.mb", "dicom_node.restore.deep")
 
 
 @dataclass

@@ -1,0 +1,275 @@
+"""The deep restoration path: tiled inference, model files and cards, the `deep` restorer.
+
+The networks here are a small stand-in (3×3 convolutions with batch norm and a residual, its
+receptive-field radius known exactly), randomly initialised: the tests check the plumbing,
+not a trained model's image quality.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from dicom_node.restore import deep
+from dicom_node.restore.deep import DeepRestorer, load_model, resolve_model, tiled_inference
+from dicom_node.restore.noise import NoiseModel
+from dicom_node.restore.normalisation import Normalisation
+from dicom_node.restore.registry import create_restorer
+from dicom_node.sim.acquisition import acquire
+from dicom_node.sim.phantom import make_phantom
+
+NOISE = NoiseModel(0.1, 3.0, 50.0)
+
+
+class StandIn(nn.Module):
+    """`layers` 3×3 convolutions (zero padding) → receptive-field radius = layers; learns a residual."""
+
+    def __init__(self, features: int = 6, layers: int = 4, claimed_radius: int | None = None) -> None:
+        super().__init__()
+        body: list[nn.Module] = [nn.Conv2d(1, features, 3, padding=1), nn.ReLU()]
+        for _ in range(layers - 2):
+            body += [nn.Conv2d(features, features, 3, padding=1, bias=False), nn.BatchNorm2d(features), nn.ReLU()]
+        body.append(nn.Conv2d(features, 1, 3, padding=1))
+        self.body = nn.Sequential(*body)
+        self.receptive_field_radius = layers if claimed_radius is None else claimed_radius
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def standin(seed: int = 0, **options) -> StandIn:
+    """A stand-in in eval mode with random weights and random batch-norm statistics."""
+    torch.manual_seed(seed)
+    net = StandIn(**options)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def identity(**options) -> StandIn:
+    """A stand-in whose last convolution is zero: it returns its input."""
+    net = standin(**options)
+    nn.init.zeros_(net.body[-1].weight)
+    nn.init.zeros_(net.body[-1].bias)
+    return net
+
+
+def untiled(net: nn.Module, image: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return net(torch.from_numpy(image[None, None].astype(np.float32)))[0, 0].numpy()
+
+
+@pytest.fixture
+def standin_networks(monkeypatch):
+    """Cards naming network "standin" build a StandIn (the network registry knows only real networks)."""
+    built = []
+
+    def build(name, options):
+        if name != "standin":
+            raise ValueError(f"unknown network {name!r}; available: standin")
+        built.append(options)
+        return StandIn(**options)
+
+    monkeypatch.setattr(deep, "_build_network", build)
+    deep._cached_model.cache_clear()
+    return built
+
+
+def save_model(model_dir: Path, name: str, net: nn.Module, dose_fraction: float = 0.5, **card) -> dict:
+    """Weights as safetensors + a model card, as `trainer export` writes them."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    weights = model_dir / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights)
+    card = {
+        "name": name,
+        "network": "standin",
+        "network_options": {"features": 6, "layers": 4},
+        "loss": "mse",
+        "dose_fraction": dose_fraction,
+        "normalisation": Normalisation("raw", 1000.0).to_dict(),
+        "weights_sha256": deep.file_sha256(weights),
+        "synthetic_only": True,
+        "created": "2025-01-01T00:00:00+00:00",
+        **card,
+    }
+    (model_dir / f"{name}.json").write_text(json.dumps(card))
+    return card
+
+
+# --- tiled inference -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, tile, margin, batch",
+    [
+        ((97, 131), 32, None, 3),  # odd sizes, not multiples of the tile
+        ((64, 64), 20, 5, 1),  # a margin above the radius, one tile per batch
+        ((50, 203), 64, 10, 4),  # one axis fits in a tile, the other does not
+        ((33, 17), 512, None, 4),  # the whole image in one tile
+        ((129, 77), 9, 4, 16),  # the smallest tile: a 1-px core
+    ],
+)
+def test_tiled_equals_untiled(shape, tile, margin, batch):
+    net = standin(layers=4)
+    image = np.random.default_rng(1).normal(0.5, 0.2, shape).astype(np.float32)
+    expected = untiled(net, image)
+    result = tiled_inference(net, image, tile=tile, margin=margin, batch=batch)
+    difference = float(np.max(np.abs(result - expected)))
+    print(f"{shape} tile {tile} margin {margin} batch {batch}: max |tiled − untiled| = {difference:.2e}")
+    assert result.shape == shape and result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_margin_below_the_true_radius_shows_seams():
+    """The equality test can fail: a network that under-states its radius gets a too-small margin."""
+    net = standin(layers=4, claimed_radius=1)
+    image = np.random.default_rng(2).normal(0.5, 0.2, (80, 80)).astype(np.float32)
+    difference = float(np.max(np.abs(tiled_inference(net, image, tile=24) - untiled(net, image))))
+    print(f"margin 1 for a radius-4 network: max |tiled − untiled| = {difference:.2e}")
+    assert difference > 1e-3
+
+
+def test_margin_below_the_radius_and_tiny_tiles_are_refused():
+    net = standin(layers=4)
+    image = np.zeros((40, 40), np.float32)
+    with pytest.raises(ValueError, match="margin 3 px is below the network's receptive-field radius 4"):
+        tiled_inference(net, image, margin=3)
+    with pytest.raises(ValueError, match="tile 8 px leaves nothing"):
+        tiled_inference(net, image, tile=8)
+
+
+# --- model files -----------------------------------------------------------------------------
+
+
+def test_saved_model_loads_and_gives_identical_output(tmp_path, standin_networks):
+    net = standin(seed=3)
+    card = save_model(tmp_path, "tiny", net)
+    loaded, loaded_card = load_model(tmp_path, "tiny")
+    assert loaded_card == card and not loaded.training
+    assert standin_networks == [{"features": 6, "layers": 4}]
+    image = np.random.default_rng(3).normal(0.5, 0.2, (45, 38)).astype(np.float32)
+    np.testing.assert_array_equal(untiled(loaded, image), untiled(net, image))
+
+
+def test_changed_weights_are_refused(tmp_path, standin_networks):
+    save_model(tmp_path, "tiny", standin(seed=3))
+    save_file({k: v.contiguous() for k, v in standin(seed=4).state_dict().items()}, tmp_path / "tiny.safetensors")
+    with pytest.raises(ValueError, match="weights of model 'tiny' do not match its card"):
+        load_model(tmp_path, "tiny")
+
+
+def test_missing_model_bad_card_and_unknown_network_are_refused(tmp_path, standin_networks):
+    with pytest.raises(FileNotFoundError, match="no model 'absent'"):
+        load_model(tmp_path, "absent")
+    save_model(tmp_path, "strange", standin(), network="nonet")
+    with pytest.raises(ValueError, match="unknown network 'nonet'"):
+        load_model(tmp_path, "strange")
+    save_model(tmp_path, "wide", standin(), network_options={"features": 8, "layers": 4})
+    with pytest.raises(ValueError, match="do not fit network 'standin'"):
+        load_model(tmp_path, "wide")
+    card = save_model(tmp_path, "partial", standin())
+    del card["weights_sha256"]
+    (tmp_path / "partial.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="lacks weights_sha256"):
+        load_model(tmp_path, "partial")
+    (tmp_path / "partial.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(tmp_path, "partial")
+    save_model(tmp_path, "orphan", standin())
+    (tmp_path / "orphan.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_model(tmp_path, "orphan")
+
+
+def test_default_model_is_the_newest_for_the_dose_fraction(tmp_path, standin_networks):
+    save_model(tmp_path, "half-old", standin(), 0.5, created="2024-05-01T10:00:00+00:00")
+    save_model(tmp_path, "half-new", standin(), 0.5, created="2025-03-01T10:00:00+00:00")
+    save_model(tmp_path, "quarter", standin(), 0.25)
+    assert resolve_model(tmp_path, None, 0.5) == "half-new"
+    assert resolve_model(tmp_path, None, 0.25) == "quarter"
+    assert resolve_model(tmp_path, "half-old", 0.5) == "half-old"
+    with pytest.raises(ValueError, match=r"no default model for dose fraction 0.3 .*available: 0.5 \(half-new\), 0.5 \(half-old\), 0.25 \(quarter\)"):
+        resolve_model(tmp_path, None, 0.3)
+    with pytest.raises(FileNotFoundError, match="no model 'other'"):
+        resolve_model(tmp_path, "other", 0.5)
+    with pytest.raises(FileNotFoundError, match="model directory .* does not exist"):
+        resolve_model(tmp_path / "missing", None, 0.5)
+
+
+# --- the restorer ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def half_dose():
+    phantom = make_phantom((96, 80), seed=5)
+    return acquire(phantom.signal, NOISE, 0.5, rng_or_seed=6).astype(np.float64)
+
+
+def test_identity_network_gives_the_linear_rescale(tmp_path, standin_networks, half_dose):
+    card = save_model(tmp_path, "identity", identity())
+    restorer = create_restorer("deep", model="identity", model_dir=tmp_path, tile=32)
+    assert isinstance(restorer, DeepRestorer) and restorer.name == "deep"
+    assert restorer.digest == card["weights_sha256"] and restorer.device == "cpu"
+    restoration = restorer.restore(half_dose, NOISE, 0.5)
+    expected = (half_dose - NOISE.offset) / 0.5 + NOISE.offset
+    print("qc:", restoration.qc, "timings:", restoration.timings)
+    np.testing.assert_allclose(restoration.image, expected, rtol=1e-5, atol=1e-3)
+    assert restoration.image.dtype == np.float64
+    assert restoration.qc["mean_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert restoration.qc["dose_fraction_mismatch"] == 0.0
+    assert 0.2 < restoration.qc["breast_fraction"] < 0.95
+    assert set(restoration.timings) == {"load", "normalise", "inference", "denormalise", "qc", "total"}
+
+
+def test_tiles_do_not_change_the_restoration(tmp_path, standin_networks, half_dose):
+    save_model(tmp_path, "tiny", standin(seed=7))
+    whole = DeepRestorer("tiny", tmp_path).restore(half_dose, NOISE, 0.5).image
+    tiled = DeepRestorer("tiny", tmp_path, tile=24, batch=3).restore(half_dose, NOISE, 0.5).image
+    assert whole.shape == half_dose.shape and np.all(np.isfinite(whole))
+    assert np.max(np.abs(whole - (half_dose - NOISE.offset) / 0.5 - NOISE.offset)) > 1.0  # the network did act
+    np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-2)
+
+
+def test_default_model_from_the_environment_and_loaded_once(tmp_path, standin_networks, half_dose, monkeypatch):
+    save_model(tmp_path, "half", identity(), 0.5)
+    save_model(tmp_path, "quarter", standin(), 0.25)
+    monkeypatch.setenv(deep.MODEL_DIR_VARIABLE, str(tmp_path))
+    restorer = DeepRestorer()
+    assert restorer.model_dir == tmp_path and restorer.digest is None
+    restorer.restore(half_dose, NOISE, 0.5)
+    assert restorer.card["name"] == "half" and restorer.digest == restorer.card["weights_sha256"]
+    restorer.restore(half_dose, NOISE, 0.25)
+    assert restorer.card["name"] == "quarter"
+    DeepRestorer().restore(half_dose, NOISE, 0.5)
+    assert len(standin_networks) == 2  # each model was read once
+    with pytest.raises(ValueError, match="no default model for dose fraction 0.1 .*available: 0.5 \\(half\\), 0.25 \\(quarter\\)"):
+        restorer.restore(half_dose, NOISE, 0.1)
+    monkeypatch.delenv(deep.MODEL_DIR_VARIABLE)
+    assert DeepRestorer().model_dir == deep.SHIPPED_MODEL_DIR == Path(deep.__file__).parent.parent / "models"
+
+
+def test_a_model_for_another_dose_fraction_is_refused(tmp_path, standin_networks, half_dose):
+    save_model(tmp_path, "half", identity(), 0.5)
+    with pytest.raises(ValueError, match="model 'half' was trained for dose fraction 0.5, not 0.25"):
+        DeepRestorer("half", tmp_path).restore(half_dose, NOISE, 0.25)
+    with pytest.raises(ValueError, match="no CUDA GPU|unknown device"):
+        DeepRestorer("half", tmp_path, device="cuda" if not torch.cuda.is_available() else "tpu")
+
+
+def test_registering_the_deep_restorer_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from dicom_node.restore.registry import restorer_names\n"
+        "print(restorer_names(), 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    print("restorers, torch imported:", result.stdout.strip())
+    assert result.stdout.strip() == "['deep', 'gat-bm3d'] False"

@@ -1,0 +1,161 @@
+"""`python -m trainer train | export | evaluate`: parse, call, print; the work is in the modules.
+
+A user error (bad experiment file, missing checkpoint, unknown model) ends as one line on
+stderr and a non-zero exit; set DICOM_NODE_DEBUG=1 to see the traceback of an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click (pinned range)
+
+from trainer.experiment import ExperimentError
+
+app = typer.Typer(
+    name="trainer",
+    help="Trains, exports and evaluates the deep restoration networks.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from dicom_node.config import ConfigError
+    from dicom_node.imaging import ImagingError
+
+    return (ExperimentError, ConfigError, ImagingError)
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", metavar="EXPERIMENT.toml", help="The experiment file.")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=5 (TOML value)."),
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Override training.epochs.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Override training.device: auto, cpu or cuda.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the checkpoint and curves (default runs/NAME).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
+) -> None:
+    """Train a network as an experiment file describes (a checkpoint every epoch)."""
+    from trainer.experiment import load_experiment
+    from trainer.train import train as run_training
+
+    overrides = list(set_ or [])
+    overrides += [f"training.epochs={epochs}"] if epochs is not None else []
+    overrides += [f'training.device="{device}"'] if device is not None else []
+    experiment = load_experiment(config, overrides)
+    out_dir = out or Path("runs") / experiment.name
+    result = run_training(experiment, out_dir, resume=resume, command=ctx.obj, progress=not quiet)
+    last = result.history[-1]
+    typer.echo(
+        f"wrote {result.checkpoint} (epoch {last['epoch']}: validation loss {last['val_loss']:.5g}, "
+        f"PSNR {last['val_psnr']:.2f} dB, SSIM {last['val_ssim']:.4f})"
+    )
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="checkpoint.pt, or the run folder holding it.")],
+    name: Annotated[str, typer.Option(help="Model name: writes NAME.safetensors and NAME.json.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write into.")],
+) -> None:
+    """Write a checkpoint's weights (safetensors) and model card (JSON) for the node."""
+    from trainer.export import export_model
+    from trainer.train import CHECKPOINT
+
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / CHECKPOINT
+    card = export_model(checkpoint, name, out, command=ctx.obj)
+    typer.echo(f"wrote {card.with_suffix('.safetensors')} and {card}")
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ExperimentError(f"--size must look like 512x416, got {size!r}") from None
+    if not (128 <= rows <= 8192 and 128 <= cols <= 8192):
+        raise ExperimentError(f"--size must be between 128 and 8192 pixels a side, got {size}")
+    return rows, cols
+
+
+@app.command()
+def evaluate(
+    models: Annotated[
+        Optional[list[Path]], typer.Option("--models", metavar="DIR/NAME", help="A model to evaluate; repeat for several.")
+    ] = None,
+    size: Annotated[str, typer.Option(help="Phantom rows x columns.")] = "512x416",
+    realisations: Annotated[int, typer.Option(help="P: realisations per evaluated group.")] = 5,
+    references: Annotated[int, typer.Option(help="N: full-dose realisations behind the pseudo ground truth.")] = 10,
+    seed: Annotated[int, typer.Option(help="Phantom and noise seed (keep it apart from the training seeds).")] = 1000,
+    dose: Annotated[float, typer.Option(help="Dose fraction of the low-dose acquisitions.")] = 0.5,
+    detector: Annotated[str, typer.Option(help="Detector entry of the node configuration to simulate.")] = "SIM-0001",
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Node configuration (default: embedded).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for evaluation.md, evaluation.csv and snr_maps.png.")] = Path("evaluation"),
+) -> None:
+    """Seed 000's Table 2/3 on repeated phantom acquisitions: the models, MB, FD and LD."""
+    from dicom_node.config import load_config
+    from trainer.evaluate import evaluate as run_evaluation
+    from trainer.evaluate import markdown_table, write_report
+
+    shape = _parse_size(size)
+    if realisations < 2 or references < 2:
+        raise ExperimentError("--realisations and --references must be at least 2")
+    if not 0 < dose < 1:
+        raise ExperimentError(f"--dose must be in (0, 1), got {dose}")
+    node_config = load_config(config)
+    if detector not in node_config.detectors:
+        raise ExperimentError(f"--detector {detector!r} is not in {node_config.path or 'the embedded defaults'}")
+    try:
+        rows = run_evaluation(
+            list(models or []), node_config.noise_model(detector), size=shape, seed=seed,
+            dose_fraction=dose, realisations=realisations, references=references,
+        )
+    except (FileNotFoundError, ValueError) as exc:  # an unknown model, or one for another dose
+        raise ExperimentError(str(exc)) from None
+    settings = f"phantom {shape[0]}x{shape[1]} seed {seed}, dose {dose:g}, N = {references}, P = {realisations}, detector {detector}"
+    paths = write_report(rows, out, settings)
+    typer.echo(markdown_table(rows, settings))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run a command, turning user errors into one line and an exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "trainer", *argv])  # the model card's "reproduce"
+    try:
+        code = app(args=argv, prog_name="python -m trainer", standalone_mode=False, obj=command)
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        sys.exit(2)
+    except ClickException as exc:  # usage errors: one line, like every other user error
+        print(f"trainer: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except _user_errors() as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if os.environ.get("DICOM_NODE_DEBUG"):
+            raise
+        print(
+            f"trainer: internal error: {type(exc).__name__}: {exc} (set DICOM_NODE_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,210 @@
+"""Training pairs: full-dose raw images → breast patches → (simulated low dose, full dose), normalised.
+
+Images come from a folder of full-dose raw MG DICOM files (each file's noise model from the node
+configuration's detector entry for its Device Serial Number) or from the phantom generator.
+Patch positions are drawn once per image, entirely inside the breast mask; the low-dose input is
+made by the VST-domain dose simulation, once or anew every epoch. The full-dose target is the
+noisy full-dose image itself, as in the seeds (there is no noise-free truth for clinical data).
+The train/validation split is by image, so no validation patch shares an image with training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dicom_node.config import Config, load_config
+from dicom_node.restore.mask import breast_mask
+from dicom_node.restore.noise import NoiseModel
+from dicom_node.restore.normalisation import Normalisation
+from dicom_node.sim.acquisition import acquire, crosstalk_kernel
+from dicom_node.sim.dose import simulate_dose_reduction
+from dicom_node.sim.phantom import make_phantom
+from trainer.experiment import DataSettings, ExperimentError
+
+
+@dataclass
+class TrainingImage:
+    label: str  # where it came from: a file path or "phantom seed N"
+    full_dose: np.ndarray  # raw, offset kept
+    noise: NoiseModel
+    mask: np.ndarray  # bool, the breast
+
+
+@dataclass
+class ImagePatches:
+    """The full-dose patches of one image and their noise model (a gain map cropped per patch)."""
+
+    label: str
+    full_dose: np.ndarray  # [patch, row, column] raw
+    noise: NoiseModel
+    positions: np.ndarray  # [patch, (row, column)] top-left corners
+
+
+def phantom_images(count: int, first_seed: int, shape: tuple[int, int], noise: NoiseModel) -> list[TrainingImage]:
+    """One full-dose acquisition of each of `count` phantoms (seeds first_seed, first_seed + 1, …)."""
+    images = []
+    for seed in range(first_seed, first_seed + count):
+        phantom = make_phantom(shape, seed=seed)
+        full_dose = acquire(phantom.signal, noise, 1.0, np.random.default_rng([seed, 1])).astype(np.float64)
+        images.append(TrainingImage(f"phantom seed {seed}", full_dose, noise, breast_mask(full_dose, noise)))
+    return images
+
+
+def dicom_images(folder: Path, config: Config) -> list[TrainingImage]:
+    """Every raw MG file under `folder` (sorted), with its detector's noise model from `config`."""
+    from dicom_node.imaging import read_mammogram
+
+    paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        raise ExperimentError(f"data.folder {folder}: no files found")
+    images = []
+    for path in paths:
+        image = read_mammogram(path)
+        if not image.params.for_processing:
+            raise ExperimentError(f"{path}: not a raw (FOR PROCESSING) mammogram; train on raw data only")
+        entry = config.detector_for(image.params.detector_serial)
+        if entry is None:
+            raise ExperimentError(
+                f"{path}: no detector entry for serial {image.params.detector_serial!r} in "
+                f"{config.path or 'the embedded defaults'} (calibrate it first)"
+            )
+        noise = config.noise_model(entry[0], image.pixels.shape)
+        full_dose = image.pixels.astype(np.float64)
+        images.append(TrainingImage(str(path), full_dose, noise, breast_mask(full_dose, noise)))
+    return images
+
+
+def load_images(settings: DataSettings) -> list[TrainingImage]:
+    config = load_config(settings.node_config) if settings.node_config else load_config()
+    if settings.source == "dicom":
+        return dicom_images(settings.folder, config)
+    if settings.detector not in config.detectors:
+        raise ExperimentError(f"data.detector: {settings.detector!r} is not a detector of {config.path or 'the embedded defaults'}")
+    return phantom_images(settings.phantoms, settings.first_seed, settings.phantom_size, config.noise_model(settings.detector))
+
+
+def split_by_image(
+    images: list[TrainingImage], validation_images: int, seed: int
+) -> tuple[list[TrainingImage], list[TrainingImage]]:
+    """(training, validation): whole images held out, chosen by `seed`."""
+    if not 0 < validation_images < len(images):
+        raise ExperimentError(f"data.validation_images: need 1 to {len(images) - 1} of {len(images)} images, got {validation_images}")
+    order = np.random.default_rng([seed, 2]).permutation(len(images))
+    held_out = set(order[:validation_images].tolist())
+    return (
+        [img for i, img in enumerate(images) if i not in held_out],
+        [img for i, img in enumerate(images) if i in held_out],
+    )
+
+
+def patch_positions(mask: np.ndarray, size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` top-left corners of size×size patches lying entirely inside `mask` (with replacement
+    only when there are fewer such positions than `count`)."""
+    summed = np.pad(np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1), ((1, 0), (1, 0)))
+    inside = summed[size:, size:] - summed[:-size, size:] - summed[size:, :-size] + summed[:-size, :-size]
+    candidates = np.argwhere(inside == size * size)
+    if not len(candidates):
+        return np.empty((0, 2), dtype=np.int64)
+    chosen = rng.choice(len(candidates), size=count, replace=count > len(candidates))
+    return candidates[chosen]
+
+
+def extract_patches(image: TrainingImage, size: int, count: int, rng: np.random.Generator) -> ImagePatches:
+    positions = patch_positions(image.mask, size, count, rng)
+    if not len(positions):
+        raise ExperimentError(f"{image.label}: the breast holds no {size}×{size} patch")
+    rows = positions[:, 0, None, None] + np.arange(size)[None, :, None]
+    cols = positions[:, 1, None, None] + np.arange(size)[None, None, :]
+    gain = np.asarray(image.noise.gain, dtype=np.float64)
+    patch_gain = gain if gain.ndim == 0 else gain[rows, cols]
+    noise = NoiseModel(patch_gain, image.noise.electronic_noise, image.noise.offset)
+    return ImagePatches(image.label, image.full_dose[rows, cols], noise, positions)
+
+
+def make_pairs(
+    patches: list[ImagePatches],
+    dose_fraction: float,
+    normalisation: Normalisation,
+    rng: np.random.Generator,
+    noise_correlation: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets), float32 [patch, 1, row, column]: simulated low dose and full dose, normalised."""
+    kernel = crosstalk_kernel(noise_correlation)[None] if noise_correlation else None
+    inputs, targets = [], []
+    for group in patches:
+        low_dose = simulate_dose_reduction(group.full_dose, group.noise, dose_fraction, rng, kernel)
+        inputs.append(normalisation.to_network(low_dose, group.noise, dose_fraction))
+        targets.append(normalisation.target(group.full_dose, group.noise))
+    return np.concatenate(inputs)[:, None], np.concatenate(targets)[:, None]
+
+
+def inputs_digest(images: list[TrainingImage]) -> str:
+    """sha256 of the list of training inputs: each image's label and pixel digest, one per line."""
+    lines = (f"{img.label}\t{hashlib.sha256(np.ascontiguousarray(img.full_dose).tobytes()).hexdigest()}" for img in images)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+class PatchData:
+    """Training and validation patches of an experiment; `training_pairs(epoch)` gives an epoch's pairs."""
+
+    def __init__(self, settings: DataSettings, seed: int, images: list[TrainingImage] | None = None) -> None:
+        self.settings = settings
+        self.seed = seed
+        self.normalisation = settings.normalisation.build()
+        images = load_images(settings) if images is None else images
+        train, validation = split_by_image(images, settings.validation_images, seed)
+        self.train_images, self.validation_images = train, validation
+        self.train = [self._patches(img, i) for i, img in enumerate(train)]
+        self.validation = [self._patches(img, len(train) + i) for i, img in enumerate(validation)]
+        self.validation_pairs = self._pairs(self.validation, np.random.default_rng([seed, 4]))
+        self._fixed_training_pairs: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _patches(self, image: TrainingImage, index: int) -> ImagePatches:
+        rng = np.random.default_rng([self.seed, 3, index])
+        return extract_patches(image, self.settings.patch_size, self.settings.patches_per_image, rng)
+
+    def _pairs(self, patches: list[ImagePatches], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        s = self.settings
+        return make_pairs(patches, s.dose_fraction, self.normalisation, rng, s.noise_correlation)
+
+    def training_pairs(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """New low-dose noise for every epoch when `resimulate`, else the same pairs each epoch."""
+        if self.settings.resimulate:
+            return self._pairs(self.train, np.random.default_rng([self.seed, 5, epoch]))
+        if self._fixed_training_pairs is None:
+            self._fixed_training_pairs = self._pairs(self.train, np.random.default_rng([self.seed, 5]))
+        return self._fixed_training_pairs
+
+    def summary(self) -> dict:
+        """The model card's training_data: count, source and a digest of the training inputs."""
+        s = self.settings
+        if s.source == "phantom":
+            source = f"synthetic phantoms, seeds {s.first_seed}..{s.first_seed + s.phantoms - 1}, {s.phantom_size[0]}x{s.phantom_size[1]}, detector {s.detector}"
+        else:
+            source = f"full-dose raw MG DICOM files in {s.folder}"
+        return {
+            "count": len(self.train_images),
+            "validation_count": len(self.validation_images),
+            "patches": sum(len(p.full_dose) for p in self.train),
+            "patch_size": s.patch_size,
+            "source": source,
+            "training_inputs": [img.label for img in self.train_images],
+            "validation_inputs": [img.label for img in self.validation_images],
+            "digest": inputs_digest(self.train_images),
+        }
+
+    def noise_summary(self) -> dict:
+        """The model card's noise_model: the one used, or a note when the images had several."""
+        models = {(_describe_gain(i.noise.gain), i.noise.electronic_noise, i.noise.offset) for i in self.train_images}
+        if len(models) == 1:
+            gain, electronic, offset = models.pop()
+            return {"gain": gain, "electronic_noise": electronic, "offset": offset}
+        return {"note": f"per image, from the detector entries of {self.settings.node_config or 'the embedded defaults'}"}
+
+
+def _describe_gain(gain: float | np.ndarray) -> float | str:
+    return float(gain) if np.ndim(gain) == 0 else "per-pixel map"

@@ -1,0 +1,148 @@
+"""One experiment = one TOML file: data, network, loss and optimiser settings, validated by pydantic.
+
+A wrong key or value becomes an `ExperimentError` whose text is one line naming the key, like
+the node's own configuration. Relative paths in the file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dicom_node.config import _describe
+from dicom_node.restore.normalisation import Normalisation
+
+
+class ExperimentError(Exception):
+    """An experiment file problem, worded as one line for a person."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSettings(_Strict):
+    name: str  # a name of dicom_node.restore.networks.network_names()
+    options: dict[str, Any] = {}  # constructor options (empty: the paper's settings)
+
+
+class NormalisationSettings(_Strict):
+    domain: Literal["raw", "anscombe"] = "raw"
+    scale: float = Field(8000.0, gt=0)
+
+    def build(self) -> Normalisation:
+        return Normalisation(self.domain, self.scale)
+
+
+class DataSettings(_Strict):
+    source: Literal["phantom", "dicom"] = "phantom"
+    # source = "phantom": synthetic phantoms with seeds first_seed, first_seed + 1, …
+    phantoms: int = Field(16, ge=2)
+    first_seed: int = Field(0, ge=0)
+    phantom_size: tuple[int, int] = (512, 416)
+    detector: str = "SIM-0001"  # the node-config detector entry whose noise the phantoms get
+    # source = "dicom": full-dose raw MG files; each file's noise from its Device Serial Number
+    folder: Path | None = None
+    node_config: Path | None = None  # node configuration with [detectors]; None: embedded defaults
+    dose_fraction: float = Field(gt=0, lt=1)
+    noise_correlation: float = Field(0.0, ge=0, le=1)  # crosstalk strength of the injected noise; 0: white
+    resimulate: bool = False  # new low-dose noise every epoch (seed 001)
+    patch_size: int = Field(64, ge=8)
+    patches_per_image: int = Field(256, ge=1)
+    validation_images: int = Field(2, ge=1)  # whole images held out: the split is by image, never by patch
+    normalisation: NormalisationSettings = NormalisationSettings()
+
+    @model_validator(mode="after")
+    def _source_complete(self) -> "DataSettings":
+        if self.source == "dicom" and self.folder is None:
+            raise ValueError('source = "dicom" needs folder')
+        if self.source == "phantom":
+            if self.validation_images >= self.phantoms:
+                raise ValueError(f"validation_images ({self.validation_images}) must be fewer than phantoms ({self.phantoms})")
+            if min(self.phantom_size) < 2 * self.patch_size:
+                raise ValueError(f"phantom_size must be at least twice patch_size ({self.patch_size}) a side")
+        return self
+
+
+class TrainingSettings(_Strict):
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    lr_halving_epochs: int = Field(10, ge=1)  # the learning rate halves every this many epochs
+    loss: str | dict[str, float] = "mae"  # a make_loss spec: "mse", "pl4", {"mse" = 1, "ssim" = 10}, …
+    vgg_weights: Path | None = None  # torchvision's vgg16 state dict, for the perceptual losses
+    init_from: Path | None = None  # a checkpoint (.pt) or an exported model (.safetensors) to start from
+    init_prefix: str = ""  # load init_from into this submodule (e.g. "first." of a cascade)
+    freeze: list[str] = []  # parameter-name prefixes kept fixed (e.g. a cascade's trained first stage)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # CPU threads for torch; None: torch's default
+
+
+class Experiment(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = Field(0, ge=0)
+    notes: str = ""  # copied to the model card (e.g. why a width differs from the paper)
+    network: NetworkSettings
+    data: DataSettings
+    training: TrainingSettings = TrainingSettings()
+
+    def resolved(self, base: Path) -> "Experiment":
+        """The same experiment with its relative paths made relative to `base`."""
+
+        def fix(path: Path | None) -> Path | None:
+            return path if path is None or path.is_absolute() else base / path
+
+        data = self.data.model_copy(
+            update={"folder": fix(self.data.folder), "node_config": fix(self.data.node_config)}
+        )
+        training = self.training.model_copy(
+            update={"vgg_weights": fix(self.training.vgg_weights), "init_from": fix(self.training.init_from)}
+        )
+        return self.model_copy(update={"data": data, "training": training})
+
+
+def parse_experiment(data: dict, where: str = "experiment") -> Experiment:
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise ExperimentError(f"{where}: {_describe(exc)}") from None
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """`section.key=value` (value in TOML syntax, else taken as a string) applied to a copy of `data`."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ExperimentError(f"--set needs KEY=VALUE, got {assignment!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    result = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    *sections, leaf = key.strip().split(".")
+    node = result
+    for section in sections:
+        child = node.get(section, {})
+        if not isinstance(child, dict):
+            raise ExperimentError(f"--set {key}: {section} is not a section")
+        node[section] = child = dict(child)
+        node = child
+    node[leaf] = value
+    return result
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
+    """Read an experiment TOML file, apply `--set` overrides, validate, resolve relative paths."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ExperimentError(f"cannot read experiment {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ExperimentError(f"{path}: not valid TOML: {exc}") from None
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return parse_experiment(data, str(path)).resolved(path.resolve().parent)

@@ -1,0 +1,94 @@
+"""A checkpoint becomes a model the node can load: <name>.safetensors plus the <name>.json card.
+
+The card says what the weights are for (network, dose fraction, normalisation), what they were
+trained on and how to reproduce them, and carries the weights' sha256, which the node checks
+before it restores anything with them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+import dicom_node
+from dicom_node.restore.deep import file_sha256
+from trainer.experiment import Experiment, ExperimentError
+from trainer.train import build_experiment_network, load_checkpoint
+
+
+def code_version() -> str:
+    """dicom_node's version, plus `git describe` of the working tree when there is one."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(dicom_node.__file__).parent, capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return dicom_node.__version__
+    suffix = described.stdout.strip() if described.returncode == 0 else ""
+    return f"{dicom_node.__version__} ({suffix})" if suffix else dicom_node.__version__
+
+
+def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: str = "") -> Path:
+    """Write out_dir/name.safetensors and out_dir/name.json from a training checkpoint; returns the card's path."""
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ExperimentError(f"--name must be a plain file name, got {name!r}")
+    checkpoint = load_checkpoint(checkpoint_path)
+    experiment = Experiment.model_validate(checkpoint["experiment"])
+    net = build_experiment_network(experiment)
+    net.load_state_dict(checkpoint["model"])  # proves the weights fit before anything is written
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{name}.safetensors"
+    save_file({key: value.contiguous() for key, value in net.state_dict().items()}, weights)
+
+    last = checkpoint["history"][-1]
+    data, training = experiment.data, experiment.training
+    card = {
+        "name": name,
+        "network": experiment.network.name,
+        "network_options": experiment.network.options,
+        "receptive_field_radius": int(net.receptive_field_radius),
+        "parameters": checkpoint["parameters"],
+        "loss": training.loss,
+        "dose_fraction": data.dose_fraction,
+        "normalisation": data.normalisation.build().to_dict(),
+        "noise_model": checkpoint["noise_model"],
+        "noise_simulation": {
+            "method": "VST-domain dose reduction (dicom_node.sim.dose.simulate_dose_reduction)",
+            "noise_correlation": data.noise_correlation,
+            "resimulated_every_epoch": data.resimulate,
+        },
+        "training_data": checkpoint["training_data"],
+        "training": {
+            "epochs": checkpoint["epoch"],
+            "batch_size": training.batch_size,
+            "learning_rate": training.learning_rate,
+            "betas": list(training.betas),
+            "lr_halving_epochs": training.lr_halving_epochs,
+            "init_from": str(training.init_from) if training.init_from else None,
+            "seed": experiment.seed,
+            "device": checkpoint["device"],
+        },
+        "validation": {
+            "psnr": last["val_psnr"],
+            "ssim": last["val_ssim"],
+            "loss": last["val_loss"],
+            "epoch": last["epoch"],
+            "low_dose_input": checkpoint["input_baseline"],
+        },
+        "code_version": code_version(),
+        "weights_sha256": file_sha256(weights),
+        "synthetic_only": data.source == "phantom",
+        "notes": experiment.notes,
+        "reproduce": " && ".join(c for c in (checkpoint["command"], command) if c),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    card_path = out_dir / f"{name}.json"
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path
