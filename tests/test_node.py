@@ -391,3 +391,33 @@ def test_check_config_reports_an_unreachable_destination(tmp_path):
                             timeout=60, cwd=tmp_path)
     print(result.stdout, result.stderr)
     assert result.returncode != 0 and "pacs" in result.stderr and "connection refused" in result.stdout
+
+
+def test_embedded_defaults_serve_to_the_outbox_folder(tmp_path, monkeypatch):
+    """The README's main command: `dicom-node serve` with no configuration at all."""
+    monkeypatch.delenv("DICOM_NODE_CONFIG", raising=False)
+    defaults = load_config()
+    folder = tmp_path / "site"
+    folder.mkdir()
+    log = open(folder / "node.log", "w")
+    process = subprocess.Popen([NODE_BIN, "serve"], stdout=log, stderr=log, cwd=folder)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", defaults.node.port)) == 0:
+                    break
+            time.sleep(0.2)
+        source = make_input(tmp_path, seed=50)
+        result = storescu(defaults.node.port, source, calling="ANY_MODALITY")
+        assert result.returncode == 0, result.stderr
+        outbox = folder / "data" / "outbox"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(outbox.glob("*.dcm")):
+            time.sleep(0.5)
+        [written] = list(outbox.glob("*.dcm"))
+        assert dcmread(written).SourceImageSequence[0].ReferencedSOPInstanceUID == dcmread(source).SOPInstanceUID
+        assert dciodvfy_errors(written) == []
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(40)

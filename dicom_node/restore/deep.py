@@ -99,12 +99,10 @@ def load_model(model_dir: Path, name: str) -> tuple["torch.nn.Module", dict[str,
 
 
 def _build_network(name: str, options: dict[str, Any]) -> "torch.nn.Module":
-    from dicom_node.restore.networks import build_network, network_names
+    from dicom_node.restore.networks import build_network
 
-    if name not in network_names():
-        raise ValueError(f"unknown network {name!r}; available: {', '.join(network_names())}")
     try:
-        return build_network(name, **options)
+        return build_network(name, **options)  # an unknown name raises ValueError, listing the known ones
     except TypeError as error:
         raise ValueError(f"bad options for network {name!r}: {error}") from None
 
