@@ -65,6 +65,9 @@ def process(
         Optional[float], typer.Option("--electronic-noise", help="Electronic noise σe, standard deviation in ADU.")
     ] = None,
     offset: Annotated[Optional[float], typer.Option("--offset", help="Detector offset τ (ADU).")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="deep: model name in the model directory (default: the one for this dose).")
+    ] = None,
     blend: Annotated[
         Optional[str], typer.Option(help="gat-bm3d blend: plain (smallest bias) or noise-aware (full-dose noise level).")
     ] = None,
@@ -73,7 +76,7 @@ def process(
 ) -> None:
     """Restore one raw mammogram file offline and write the derived DICOM."""
     from dicom_node.imaging import read_mammogram, save_dataset
-    from dicom_node.processing import NoiseOverrides, restore_mammogram
+    from dicom_node.processing import NoiseOverrides, restore_mammogram, restorer_options
 
     started = time.perf_counter()
     cfg = load_config(config)
@@ -86,7 +89,8 @@ def process(
         dose_fraction=dose_fraction,
         profile="offline",
         overrides=NoiseOverrides(gain, electronic_noise, offset),
-        options={"blend": blend} if blend else None,
+        model_name=model,
+        options=restorer_options(cfg, pipeline, model=model, blend=blend),
     )
     write_started = time.perf_counter()
     try:
@@ -100,6 +104,8 @@ def process(
         "input": str(input_path),
         "output": str(output_path),
         "pipeline": pipeline,
+        "model": {"name": processed.model_name, "digest": processed.model_digest} if processed.model_name else None,
+        "device": processed.device,
         "dose_fraction": dose_fraction,
         "noise": {
             "source": processed.noise_source,

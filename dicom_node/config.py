@@ -47,6 +47,7 @@ class NodeSettings(_Strict):
     min_free_disk_mb: float = Field(1024, ge=0)  # below this, new associations are refused
     duplicate_policy: Literal["ignore-identical", "reprocess-all"] = "ignore-identical"
     retention_days: float = Field(7, ge=0)  # files of finished jobs are kept this long
+    model_dir: Path | None = None  # trained models for the "deep" pipeline (default: the shipped ones)
 
     @field_validator("ae_title")
     @classmethod
@@ -207,6 +208,10 @@ class Config(_Strict):
     @property
     def data_dir(self) -> Path:
         return self.resolve(self.node.data_dir)
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self.resolve(self.node.model_dir) if self.node.model_dir else None
 
     @property
     def database_url(self) -> str:

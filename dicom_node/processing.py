@@ -44,6 +44,16 @@ class Processed:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     model_digest: str | None = None
+    model_name: str | None = None
+
+
+def restorer_options(config: Config, pipeline: str, *, model: str | None = None, blend: str | None = None) -> dict:
+    """The options each restorer takes from a profile or the command line."""
+    if pipeline == "gat-bm3d":
+        return {"blend": blend} if blend else {}
+    if pipeline == "deep":
+        return {"model": model or None, "model_dir": config.model_dir}
+    return {}
 
 
 def resolve_noise(
@@ -120,7 +130,7 @@ def restore_mammogram(
         restored,
         method=f"{pipeline}{_describe_options(options)} restoration to full dose from dose fraction {dose_fraction:g}",
         profile=profile,
-        model_name=model_name,
+        model_name=getattr(restorer, "model_name", None) or model_name,
         model_digest=getattr(restorer, "digest", None),
         description=f"noise model: gain {_describe_gain(noise.gain)}, electronic noise {noise.electronic_noise:g}, offset {noise.offset:g}",
         node_version=__version__,
@@ -129,11 +139,15 @@ def restore_mammogram(
     timings = dict(restoration.timings)
     timings["derive"] = time.perf_counter() - started
     device = getattr(restorer, "device", "cpu")
-    return Processed(dataset, noise, noise_source, qc, timings, device, getattr(restorer, "digest", None))
+    return Processed(
+        dataset, noise, noise_source, qc, timings, device,
+        getattr(restorer, "digest", None), getattr(restorer, "model_name", None) or model_name,
+    )
 
 
 def _describe_options(options: dict | None) -> str:
-    return "".join(f" {key}={value}" for key, value in sorted((options or {}).items()))
+    shown = {k: v for k, v in (options or {}).items() if k == "blend"}  # paths and names are said elsewhere
+    return "".join(f" {key}={value}" for key, value in sorted(shown.items()))
 
 
 def _describe_gain(gain: float | np.ndarray) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from dicom_node.config import Config, ConfigError
 from dicom_node.imaging import ImagingError, read_mammogram, save_dataset
 from dicom_node.joblog import JobLog
-from dicom_node.processing import ProcessingError, restore_mammogram
+from dicom_node.processing import ProcessingError, restore_mammogram, restorer_options
 
 log = logging.getLogger("dicom_node.worker")
 
@@ -108,7 +108,7 @@ class Worker:
             dose_fraction=profile.dose_fraction,
             profile=job.profile,
             model_name=profile.model or None,
-            options={"blend": profile.blend} if profile.pipeline == "gat-bm3d" else None,
+            options=restorer_options(self.config, profile.pipeline, model=profile.model, blend=profile.blend),
         )
         self.joblog.record_stage(job.id, "restored", processed.timings.get("total", 0.0))
 

@@ -56,7 +56,8 @@ def load_vgg16_features(path: Path | str | None) -> VGG16Features:
         raise ValueError(f"{path} is not a readable torch state dict ({error}). {WHERE_TO_GET_WEIGHTS}") from error
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict. {WHERE_TO_GET_WEIGHTS}")
-    network = VGG16Features()
+    with torch.device("meta"):  # no time spent initialising weights that are replaced at once
+        network = VGG16Features()
     features = {key: value for key, value in state.items() if key.startswith("features.")}
     expected = network.state_dict()
     missing = sorted(set(expected) - set(features))
@@ -67,5 +68,5 @@ def load_vgg16_features(path: Path | str | None) -> VGG16Features:
             f"{path} is not in torchvision's VGG16 layout (missing {missing[:4]}, unexpected "
             f"{unexpected[:4]}, wrong shape {wrong_shape[:4]}). {WHERE_TO_GET_WEIGHTS}"
         )
-    network.load_state_dict(features)
+    network.load_state_dict(features, assign=True)
     return network.requires_grad_(False).eval()
