@@ -2,8 +2,8 @@
 
 Stage 1 trains `first` (perceptual loss) to map the low-dose image to Ŷ. Stage 2 freezes it and
 trains `second` with MSE on Ŷ → target. The seed's second network predicts the difference Ŷ − Y
-and subtracts it; our networks are residual (they add their input to a predicted correction), so
-`second(Ŷ)` is exactly Ŷ minus the predicted difference and the output is `second(first(x))`.
+and subtracts it; our residual networks add a predicted correction to their input, so
+`second(Ŷ)` is Ŷ corrected by that (negated) difference and the output is `second(first(x))`.
 Pair it with a residual second network (hresnet, resnet-at, dncnn) to keep that meaning.
 """
 
@@ -14,24 +14,13 @@ from torch import nn
 
 
 class Cascade(nn.Module):
+    """`first` then `second`; stage 2 freezes the parameters under "first." (and keeps it in eval)."""
+
     def __init__(self, first: nn.Module, second: nn.Module) -> None:
         super().__init__()
         self.first = first
         self.second = second
-        self.first_frozen = False
         self.receptive_field_radius = first.receptive_field_radius + second.receptive_field_radius
-
-    def freeze_first(self, frozen: bool = True) -> None:
-        """Stage 2: no gradients for `first`, and it stays in eval mode (its BN statistics fixed)."""
-        self.first_frozen = frozen
-        self.first.requires_grad_(not frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "Cascade":
-        super().train(mode)
-        if self.first_frozen:
-            self.first.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
