@@ -52,7 +52,7 @@ def restorer_options(config: Config, pipeline: str, *, model: str | None = None,
     if pipeline == "gat-bm3d":
         return {"blend": blend} if blend else {}
     if pipeline == "deep":
-        return {"model": model or None, "model_dir": config.model_dir}
+        return {"model": model or None, "model_dir": config.model_dir, "device": config.worker.device}
     return {}
 
 
@@ -115,10 +115,13 @@ def restore_mammogram(
     noise, noise_source = resolve_noise(config, image, overrides)
     try:
         restorer = create_restorer(pipeline, **(options or {}))
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise ProcessingError(str(exc)) from None
 
-    restoration = restorer.restore(image.pixels.astype(np.float64), noise, dose_fraction)
+    try:
+        restoration = restorer.restore(image.pixels.astype(np.float64), noise, dose_fraction)
+    except (ValueError, FileNotFoundError) as exc:  # restorers say so when the request cannot be met
+        raise ProcessingError(str(exc)) from None
 
     started = time.perf_counter()
     top = 2 ** image.params.bits_stored - 1

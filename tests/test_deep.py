@@ -276,11 +276,12 @@ def test_default_model_from_the_environment_and_loaded_once(tmp_path, half_dose,
     save_model(tmp_path, "quarter", tiny(), 0.25)
     monkeypatch.setenv(deep.MODEL_DIR_VARIABLE, str(tmp_path))
     restorer = DeepRestorer()
-    assert restorer.model_dir == tmp_path and restorer.digest is None
+    assert restorer.model_dir == tmp_path and restorer.digest is None and restorer.model_name is None
     restorer.restore(half_dose, NOISE, 0.5)
-    assert restorer.card["name"] == "half" and restorer.digest == restorer.card["weights_sha256"]
+    assert restorer.model_name == restorer.card["name"] == "half"
+    assert restorer.digest == restorer.card["weights_sha256"] == deep.file_sha256(tmp_path / "half.safetensors")
     restorer.restore(half_dose, NOISE, 0.25)
-    assert restorer.card["name"] == "quarter"
+    assert restorer.model_name == "quarter"
     DeepRestorer().restore(half_dose, NOISE, 0.5)
     assert loads == ["half", "quarter"]  # each model was read once
     with pytest.raises(ValueError, match="no default model for dose fraction 0.1 .*available: 0.5 \\(half\\), 0.25 \\(quarter\\)"):

@@ -75,6 +75,7 @@ class TrainingSettings(_Strict):
     lr_halving_epochs: int = Field(10, ge=1)  # the learning rate halves every this many epochs
     loss: str | dict[str, float] = "mae"  # a make_loss spec: "mse", "pl4", {"mse" = 1, "ssim" = 10}, …
     vgg_weights: Path | None = None  # torchvision's vgg16 state dict, for the perceptual losses
+    identity_start: bool = False  # zero the output convolution: a residual network starts as the identity
     init_from: Path | None = None  # a checkpoint (.pt) or an exported model (.safetensors) to start from
     init_prefix: str = ""  # load init_from into this submodule (e.g. "first." of a cascade)
     freeze: list[str] = []  # parameter-name prefixes kept fixed (e.g. a cascade's trained first stage)

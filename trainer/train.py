@@ -87,6 +87,17 @@ def load_initial_weights(net: torch.nn.Module, path: Path, prefix: str = "") -> 
         raise ExperimentError(f"training.init_from: {path} does not fit the network (first mismatch: {wrong})")
 
 
+def zero_final_convolution(net: torch.nn.Module) -> None:
+    """Start a residual network as the identity by zeroing its output convolution (the last
+    Conv2d it registers): seed 000's reason for a small-variance initialisation ("the output
+    before training is close to the input"), taken to its limit. The default initialisation
+    instead adds a correction of the order of the signal itself, which takes many steps to undo."""
+    last = [module for module in net.modules() if isinstance(module, torch.nn.Conv2d)][-1]
+    torch.nn.init.zeros_(last.weight)
+    if last.bias is not None:
+        torch.nn.init.zeros_(last.bias)
+
+
 def frozen(name: str, prefixes: list[str]) -> bool:
     return any(name.startswith(prefix) for prefix in prefixes)
 
@@ -159,7 +170,9 @@ def train(
 
     data = data or PatchData(experiment.data, experiment.seed)
     net = build_experiment_network(experiment).to(device)
-    if settings.init_from and previous is None:
+    if previous is None and settings.identity_start:
+        zero_final_convolution(net)
+    if previous is None and settings.init_from:
         load_initial_weights(net, settings.init_from, settings.init_prefix)
     for name, parameter in net.named_parameters():
         parameter.requires_grad_(not frozen(name, settings.freeze))

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dicom_node.restore.mask import breast_mask
-from dicom_node.restore.mb import _mean_ratio, _validated
+from dicom_node.restore.mask import bounding_box, breast_mask
+from dicom_node.restore.mb import mean_ratio, validated_input
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
 from dicom_node.restore.registry import Restoration, register_restorer
@@ -36,6 +36,7 @@ MODEL_DIR_VARIABLE = "DICOM_NODE_MODEL_DIR"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 _CARD_KEYS = ("network", "network_options", "dose_fraction", "normalisation", "weights_sha256")
 _DOSE_TOLERANCE = 1e-6
+_BOX_MARGIN = 32  # px of background context around the breast, as in the MB path
 
 
 def default_model_dir() -> Path:
@@ -44,6 +45,7 @@ def default_model_dir() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """A weights file's digest as model cards record it (`weights_sha256`): sha256 of its bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
@@ -259,7 +261,8 @@ class DeepRestorer:
         self.device = _select_device(device)
         self.tile = tile
         self.batch = batch
-        self.digest: str | None = None
+        self.model_name: str | None = None  # the model used last (resolved by dose fraction when unset)
+        self.digest: str | None = None  # its weights' sha256
         self.card: dict[str, Any] | None = None
         if self.model:
             self._load(self.model)
@@ -268,11 +271,11 @@ class DeepRestorer:
         weights = self.model_dir / f"{name}.safetensors"
         modified = weights.stat().st_mtime_ns if weights.is_file() else 0
         net, card = _cached_model(str(self.model_dir.resolve()), name, self.device, modified)
-        self.digest, self.card = card["weights_sha256"], card
+        self.model_name, self.digest, self.card = name, card["weights_sha256"], card
         return net, card
 
     def restore(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Restoration:
-        raw = _validated(raw, noise, dose_fraction)
+        raw = validated_input(raw, noise, dose_fraction)
         timings: dict[str, float] = {}
         started = clock = time.perf_counter()
 
@@ -292,16 +295,23 @@ class DeepRestorer:
             )
         normalisation = Normalisation.from_dict(card["normalisation"])
         lap("load")
-        x = normalisation.to_network(raw, noise, dose_fraction)
-        lap("normalise")
-        output = tiled_inference(net, x, tile=self.tile, batch=self.batch, device=self.device)
-        lap("inference")
-        image = normalisation.from_network(output, noise)
-        lap("denormalise")
+        # Like the MB path: the network sees the breast's bounding box (it was trained on breast
+        # patches); the direct-exposure background outside it is rescaled linearly.
         mask = breast_mask(raw, noise)
+        rows, cols = bounding_box(mask, max(_BOX_MARGIN, net.receptive_field_radius))
+        box_noise = noise.crop(rows, cols)
+        image = (raw - noise.offset) / dose_fraction + noise.offset
+        x = normalisation.to_network(raw[rows, cols], box_noise, dose_fraction)
+        lap("normalise")
+        output = tiled_inference(net, x, tile=self.tile, batch=self.batch, device=self.device) if x.size else x
+        lap("inference")
+        if x.size:
+            image[rows, cols] = normalisation.from_network(output, box_noise)
+        lap("denormalise")
         qc = {
             "breast_fraction": float(mask.mean()),
-            "mean_ratio": _mean_ratio(image, raw, noise, dose_fraction, mask),
+            "bbox_pixels": float(x.size),
+            "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, mask),
             "dose_fraction_mismatch": abs(model_dose - dose_fraction),
             "model_dose_fraction": model_dose,
         }

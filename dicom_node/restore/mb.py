@@ -141,7 +141,7 @@ class GatBm3dRestorer:
         self.blend_mode = blend
 
     def restore(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Restoration:
-        raw = _validated(raw, noise, dose_fraction)
+        raw = validated_input(raw, noise, dose_fraction)
         timings: dict[str, float] = {}
         started = clock = time.perf_counter()
 
@@ -185,14 +185,14 @@ class GatBm3dRestorer:
             "estimate_variance": estimate_variance,
             "low_dose_weight": low_dose_weight,
             **_calibration_check(raw, noise, mask),
-            "mean_ratio": _mean_ratio(image, raw, noise, dose_fraction, mask),
+            "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, mask),
         }
         lap("qc")
         timings["total"] = time.perf_counter() - started
         return Restoration(image=image, qc=qc, timings=timings)
 
 
-def _validated(raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:
+def validated_input(raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:
     if not (isinstance(dose_fraction, (int, float, np.floating)) and 0 < dose_fraction <= 1):
         raise ValueError(
             f"dose_fraction must be in (0, 1] (the low-dose acquisition's share of the target dose), "
@@ -217,7 +217,7 @@ def _calibration_check(raw: np.ndarray, noise: NoiseModel, mask: np.ndarray) -> 
     return {"estimated_gain": estimated, "gain_ratio": estimated / configured}
 
 
-def _mean_ratio(image: np.ndarray, raw: np.ndarray, noise: NoiseModel, dose_fraction: float, mask: np.ndarray) -> float:
+def mean_ratio(image: np.ndarray, raw: np.ndarray, noise: NoiseModel, dose_fraction: float, mask: np.ndarray) -> float:
     if not mask.any():
         return float("nan")
     linear = np.mean(raw[mask] - noise.offset) / dose_fraction
