@@ -44,16 +44,48 @@ def test_physics_of_the_image(seed):
     assert (calcs & ~mask).sum() == 0
 
 
+def radial_spectral_slope(image: np.ndarray, frequencies: np.ndarray) -> float:
+    """Slope of log power against log radial frequency (frequency in FFT bins)."""
+    n = image.shape[0]
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2(image))) ** 2
+    radius = np.hypot(*(np.indices(spectrum.shape) - n // 2)).astype(int)
+    radial = np.bincount(radius.ravel(), spectrum.ravel()) / np.bincount(radius.ravel())
+    return float(np.polyfit(np.log(frequencies), np.log(radial[frequencies]), 1)[0])
+
+
 def test_texture_has_a_power_law_spectrum():
     field = power_law_texture((512, 512), 3.0, np.random.default_rng(0), cutoff=1e-3)
-    spectrum = np.abs(np.fft.fftshift(np.fft.fft2(field))) ** 2
-    yy, xx = np.indices(spectrum.shape) - 256
-    radius = np.hypot(yy, xx).astype(int)
-    radial = np.bincount(radius.ravel(), spectrum.ravel()) / np.bincount(radius.ravel())
-    f = np.arange(8, 120)
-    slope = np.polyfit(np.log(f), np.log(radial[f]), 1)[0]
-    print(f"fitted spectral slope {slope:.2f} (β = 3)")
+    slope = radial_spectral_slope(field, np.arange(8, 120))
+    print(f"fitted spectral slope of the texture field {slope:.2f} (β = 3)")
     assert slope == pytest.approx(-3.0, abs=0.3)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_breast_attenuation_has_a_power_law_spectrum(seed):
+    """−log(signal) in a full-thickness region: the texture seen through Beer–Lambert."""
+    phantom = make_phantom((768, 768), seed=seed, chest_wall="left", thickness_mm=10, n_clusters=0)
+    rows, cols = slice(304, 464), slice(8, 168)
+    assert phantom.mask[rows, cols].all()
+    attenuation = -np.log(phantom.signal[rows, cols])
+    yy, xx = np.indices(attenuation.shape)
+    plane = np.c_[np.ones(yy.size), yy.ravel(), xx.ravel()]  # removes the heel gradient
+    coefficients = np.linalg.lstsq(plane, attenuation.ravel(), rcond=None)[0]
+    detrended = attenuation - (plane @ coefficients).reshape(attenuation.shape)
+    window = np.outer(np.hanning(160), np.hanning(160))
+    slope = radial_spectral_slope(detrended * window, np.arange(4, 50))
+    print(f"seed {seed}: spectral slope of the breast's attenuation {slope:.2f} (β = 3)")
+    assert slope == pytest.approx(-3.0, abs=0.4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_breast_is_attached_to_the_chosen_chest_wall(side):
+    phantom = make_phantom((256, 208), seed=4, chest_wall=side)
+    chest, far = (0, -1) if side == "left" else (-1, 0)
+    labels, count = ndimage.label(phantom.mask)
+    print(f"{side}: {phantom.mask[:, chest].sum()} breast pixels on the chest-wall column, {count} component(s)")
+    assert count == 1
+    assert phantom.mask[:, chest].mean() > 0.5 and not phantom.mask[:, far].any()
+    assert not phantom.mask[0].any() and not phantom.mask[-1].any()
 
 
 def test_flat_field_has_a_heel_gradient():

@@ -26,6 +26,9 @@ class NoiseBias:
     rn: float
     b2: float
 
+    def __str__(self) -> str:
+        return f"MNSE {100 * self.mnse:.2f} % (RN {100 * self.rn:.2f} % + B² {100 * self.b2:.2f} %)"
+
 
 def _check(stack: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
     stack = np.asarray(stack, dtype=np.float64)

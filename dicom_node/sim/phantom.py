@@ -185,7 +185,8 @@ def _render_calcifications(
         chord2 = radius**2 - sub_rows[:, None] ** 2 - sub_cols[None, :] ** 2
         path_mm = 2 * np.sqrt(np.maximum(chord2, 0.0)) * pixel_spacing_mm
         blocks = (r1 - r0, SUPERSAMPLING, c1 - c0, SUPERSAMPLING)
-        transmission[r0:r1, c0:c1] *= np.exp(-CALCIFICATION_ATTENUATION_PER_MM * path_mm).reshape(blocks).mean(axis=(1, 3))
+        pixel_transmission = np.exp(-CALCIFICATION_ATTENUATION_PER_MM * path_mm).reshape(blocks).mean(axis=(1, 3))
+        transmission[r0:r1, c0:c1] *= pixel_transmission
         coverage = (chord2 > 0).reshape(blocks).mean(axis=(1, 3))
         calc_mask[r0:r1, c0:c1] |= coverage >= 0.5
         calc_mask[int(round(calc.row)), int(round(calc.col))] = True
