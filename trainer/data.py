@@ -39,7 +39,7 @@ class ImagePatches:
     """The full-dose patches of one image and their noise model (a gain map cropped per patch)."""
 
     label: str
-    full_dose: np.ndarray  # [patch, row, column] raw
+    full_dose: np.ndarray  # [patch, row, column] raw, float32 (exact for ≤ 24-bit integers; half the memory)
     noise: NoiseModel
     positions: np.ndarray  # [patch, (row, column)] top-left corners
 
@@ -122,7 +122,7 @@ def extract_patches(image: TrainingImage, size: int, count: int, rng: np.random.
     gain = np.asarray(image.noise.gain, dtype=np.float64)
     patch_gain = gain if gain.ndim == 0 else gain[rows, cols]
     noise = NoiseModel(patch_gain, image.noise.electronic_noise, image.noise.offset)
-    return ImagePatches(image.label, image.full_dose[rows, cols], noise, positions)
+    return ImagePatches(image.label, image.full_dose[rows, cols].astype(np.float32), noise, positions)
 
 
 def make_pairs(

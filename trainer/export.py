@@ -46,6 +46,7 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{name}.safetensors"
     save_file({key: value.contiguous() for key, value in net.state_dict().items()}, weights)
+    weights.chmod(0o644)  # safetensors writes owner-only; a shipped model must be readable by the node's user
 
     last = checkpoint["history"][-1]
     data, training = experiment.data, experiment.training

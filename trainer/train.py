@@ -168,6 +168,10 @@ def train(
     make_deterministic(experiment.seed)
     device = select_device(settings.device)
 
+    try:
+        loss_fn = make_loss(settings.loss, vgg_weights=settings.vgg_weights, device=device)
+    except (ValueError, FileNotFoundError) as exc:  # an unknown loss, or no VGG16 weights for a perceptual one
+        raise ExperimentError(f"training.loss: {exc}") from None
     data = data or PatchData(experiment.data, experiment.seed)
     net = build_experiment_network(experiment).to(device)
     if previous is None and settings.identity_start:
@@ -182,10 +186,6 @@ def train(
     optimiser = torch.optim.Adam(trainable, lr=settings.learning_rate, betas=settings.betas)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=settings.lr_halving_epochs, gamma=0.5)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    try:
-        loss_fn = make_loss(settings.loss, vgg_weights=settings.vgg_weights, device=device)
-    except (ValueError, FileNotFoundError) as exc:  # an unknown loss, or no VGG16 weights for a perceptual one
-        raise ExperimentError(f"training.loss: {exc}") from None
 
     if previous is not None:
         net.load_state_dict(previous["model"])
