@@ -7,7 +7,6 @@ set DICOM_NODE_DEBUG=1 to see the traceback of an unexpected failure.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click (pinned range)
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError, load_config
+from dicom_node.console import run_app
 
 app = typer.Typer(
     name="dicom-node",
@@ -442,27 +441,4 @@ def version() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run a command, turning user errors into one line and an exit code."""
-    try:
-        code = app(args=argv, prog_name="dicom-node", standalone_mode=False)
-    except NoArgsIsHelpError as exc:
-        typer.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
-        sys.exit(2)
-    except ClickException as exc:  # usage errors: one line, like every other user error
-        print(f"dicom-node: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except _user_errors() as exc:
-        print(f"dicom-node: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
-        if os.environ.get("DICOM_NODE_DEBUG"):
-            raise
-        print(
-            f"dicom-node: internal error: {type(exc).__name__}: {exc} (set DICOM_NODE_DEBUG=1 for details)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    run_app(app, argv, prog="dicom-node", user_errors=_user_errors())

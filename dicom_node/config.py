@@ -243,7 +243,7 @@ class Config(_Strict):
         return NoiseModel(gain, detector.electronic_noise, detector.offset)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError) -> str:
     """All problems of a ValidationError as one line, each naming its key."""
     parts = []
     for item in error.errors():
@@ -264,7 +264,7 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
         return Config.model_validate({**data, "path": path})
     except ValidationError as exc:
         where = str(path) if path else "embedded defaults"
-        raise ConfigError(f"{where}: {_describe(exc)}") from None
+        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
 
 
 def default_config_text() -> str:

@@ -171,3 +171,27 @@ def test_console_script_and_module_entry_point(tmp_path):
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_process_with_the_shipped_deep_model(capsys, tmp_path, half_dose_file, monkeypatch):
+    monkeypatch.delenv("DICOM_NODE_MODEL_DIR", raising=False)
+    out_path = tmp_path / "deep.dcm"
+    code, out, err = run(capsys, "process", str(half_dose_file), str(out_path), "--pipeline", "deep",
+                         "--dose-fraction", "0.5", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    print(json.dumps(report["model"]), report["timings_s"])
+    assert report["model"]["name"] == "hresnet-phantom-50" and len(report["model"]["digest"]) == 64
+    derived = dcmread(out_path)
+    assert "hresnet-phantom-50" in derived.DerivationDescription
+    assert dciodvfy_errors(out_path) == []
+    assert report["qc"]["mean_ratio"] == pytest.approx(1.0, abs=0.03)
+
+
+def test_deep_without_a_model_for_the_dose_is_one_line(capsys, tmp_path, half_dose_file):
+    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--pipeline", "deep",
+                       "--dose-fraction", "0.3")
+    assert_one_line_error(code, err, "no default model for dose fraction 0.3", "0.5")
+    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--pipeline", "deep",
+                       "--dose-fraction", "0.5", "--model", "nonexistent")
+    assert_one_line_error(code, err, "nonexistent")

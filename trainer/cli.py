@@ -6,15 +6,15 @@ stderr and a non-zero exit; set DICOM_NODE_DEBUG=1 to see the traceback of an un
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click (pinned range)
+  # typer vendors click (pinned range)
 
+from dicom_node.console import run_app
 from trainer.experiment import ExperimentError
 
 app = typer.Typer(
@@ -135,27 +135,4 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command, turning user errors into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "trainer", *argv])  # the model card's "reproduce"
-    try:
-        code = app(args=argv, prog_name="python -m trainer", standalone_mode=False, obj=command)
-    except NoArgsIsHelpError as exc:
-        typer.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
-        sys.exit(2)
-    except ClickException as exc:  # usage errors: one line, like every other user error
-        print(f"trainer: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except _user_errors() as exc:
-        print(f"trainer: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
-        if os.environ.get("DICOM_NODE_DEBUG"):
-            raise
-        print(
-            f"trainer: internal error: {type(exc).__name__}: {exc} (set DICOM_NODE_DEBUG=1 for details)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    run_app(app, argv, prog="python -m trainer", user_errors=_user_errors(), obj=command)

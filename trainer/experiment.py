@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dicom_node.config import _describe
+from dicom_node.config import describe_validation_error
 from dicom_node.restore.normalisation import Normalisation
 
 
@@ -110,7 +110,7 @@ def parse_experiment(data: dict, where: str = "experiment") -> Experiment:
     try:
         return Experiment.model_validate(data)
     except ValidationError as exc:
-        raise ExperimentError(f"{where}: {_describe(exc)}") from None
+        raise ExperimentError(f"{where}: {describe_validation_error(exc)}") from None
 
 
 def apply_override(data: dict, assignment: str) -> dict:
