@@ -34,7 +34,7 @@ NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
 
 
 def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float = 30, send_timeout_s: float = 10,
-                 selftest_port: int = 11113, forward_original: bool = False) -> Path:
+                 selftest_port: int = 11113, forward_original: bool = False, pipeline: str = "gat-bm3d") -> Path:
     path = folder / "node.toml"
     path.write_text(f"""
 [node]
@@ -57,7 +57,7 @@ port = {pacs_port}
 timeout_s = {send_timeout_s}
 
 [profiles.half-dose]
-pipeline = "gat-bm3d"
+pipeline = "{pipeline}"
 dose_fraction = 0.5
 destinations = ["pacs"]
 forward_original = {str(forward_original).lower()}
@@ -232,6 +232,15 @@ def test_forward_original_sends_both_images(tmp_path, pacs, node_factory):
     original = pacs.wait_for(str(dcmread(source).SOPInstanceUID))
     assert dcmread(io.BytesIO(pacs.file(original))).PixelData == dcmread(source).PixelData  # untouched
     assert sorted(str(d.kind) for d in node.joblog().deliveries(job.id)) == ["derived", "original"]
+
+
+def test_deep_profile_restores_with_the_shipped_model(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port, pipeline="deep")
+    assert storescu(node.port, make_input(tmp_path, seed=6)).returncode == 0
+    [job] = node.wait_for_jobs(1)
+    derived = dcmread(io.BytesIO(pacs.file(pacs.wait_for(job.derived_sop_instance_uid))))
+    assert "hresnet-phantom-50" in derived.DerivationDescription
+    assert job.pipeline == "deep" and len(job.model_digest) == 64 and job.device in ("cpu", "cuda")
 
 
 def test_pacs_down_then_up_everything_is_delivered(tmp_path, node_factory):
