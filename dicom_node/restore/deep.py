@@ -27,7 +27,7 @@ from dicom_node.restore.mask import bounding_box, breast_mask
 from dicom_node.restore.mb import mean_ratio, validated_input
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
-from dicom_node.restore.registry import Restoration, register_restorer
+from dicom_node.restore.registry import Restoration, StageTimer, register_restorer
 
 if TYPE_CHECKING:
     import torch
@@ -276,15 +276,8 @@ class DeepRestorer:
 
     def restore(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Restoration:
         raw = validated_input(raw, noise, dose_fraction)
-        timings: dict[str, float] = {}
-        started = clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = now - clock
-            clock = now
-
+        timer = StageTimer()
+        lap = timer.lap
         name = resolve_model(self.model_dir, self.model, dose_fraction)
         net, card = self._load(name)
         model_dose = float(card["dose_fraction"])
@@ -316,5 +309,4 @@ class DeepRestorer:
             "model_dose_fraction": model_dose,
         }
         lap("qc")
-        timings["total"] = time.perf_counter() - started
-        return Restoration(image=image, qc=qc, timings=timings)
+        return Restoration(image=image, qc=qc, timings=timer.finish())

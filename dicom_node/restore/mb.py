@@ -6,7 +6,6 @@ like; the blend puts back exactly the noise of a real target-dose image, element
 
 from __future__ import annotations
 
-import time
 from typing import Mapping
 
 import numpy as np
@@ -17,7 +16,7 @@ from dicom_node.restore.denoisers import Denoiser, get_denoiser
 from dicom_node.restore.gat import gat_forward, gat_inverse
 from dicom_node.restore.mask import bounding_box, breast_mask
 from dicom_node.restore.noise import NoiseModel
-from dicom_node.restore.registry import Restoration, register_restorer
+from dicom_node.restore.registry import Restoration, StageTimer, register_restorer
 
 BLEND_MODES = ("plain", "noise-aware")
 _MIN_MARGIN = 32  # px of context around the breast: BM3D's blocks and search window fit inside
@@ -142,15 +141,8 @@ class GatBm3dRestorer:
 
     def restore(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Restoration:
         raw = validated_input(raw, noise, dose_fraction)
-        timings: dict[str, float] = {}
-        started = clock = time.perf_counter()
-
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = now - clock
-            clock = now
-
+        timer = StageTimer()
+        lap = timer.lap
         mask = breast_mask(raw, noise)
         rows, cols = bounding_box(mask, self.margin)
         image = (raw - noise.offset) / dose_fraction + noise.offset
@@ -188,8 +180,7 @@ class GatBm3dRestorer:
             "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, mask),
         }
         lap("qc")
-        timings["total"] = time.perf_counter() - started
-        return Restoration(image=image, qc=qc, timings=timings)
+        return Restoration(image=image, qc=qc, timings=timer.finish())
 
 
 def validated_input(raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:

@@ -8,6 +8,7 @@ in torch (a deep restorer imports torch inside its own code, when it runs).
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -23,6 +24,23 @@ class Restoration:
     image: np.ndarray  # float64 raw on the target-dose scale, offset τ kept (not clipped/rounded)
     qc: dict[str, float] = field(default_factory=dict)  # QC figures; each restorer documents its keys
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class StageTimer:
+    """Seconds spent in each stage of a restoration, lap by lap, plus the total."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._started = self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = now - self._clock
+        self._clock = now
+
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = time.perf_counter() - self._started
+        return self.timings
 
 
 class Restorer(Protocol):
