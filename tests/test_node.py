@@ -34,7 +34,8 @@ NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
 
 
 def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float = 30, send_timeout_s: float = 10,
-                 selftest_port: int = 11113, forward_original: bool = False, pipeline: str = "gat-bm3d") -> Path:
+                 selftest_port: int = 11113, forward_original: bool = False, pipeline: str = "gat-bm3d",
+                 workers: int = 1) -> Path:
     path = folder / "node.toml"
     path.write_text(f"""
 [node]
@@ -68,7 +69,7 @@ electronic_noise = 3.0
 offset = 50.0
 
 [worker]
-count = 1
+count = {workers}
 lease_s = {lease_s}
 heartbeat_s = 1
 
@@ -241,6 +242,22 @@ def test_deep_profile_restores_with_the_shipped_model(tmp_path, pacs, node_facto
     derived = dcmread(io.BytesIO(pacs.file(pacs.wait_for(job.derived_sop_instance_uid))))
     assert "hresnet-phantom-50" in derived.DerivationDescription
     assert job.pipeline == "deep" and len(job.model_digest) == 64 and job.device in ("cpu", "cuda")
+
+
+def test_a_worker_started_alone_takes_the_jobs(tmp_path, pacs, node_factory):
+    node = node_factory(pacs.dicom_port, workers=0)  # serve receives and forwards; restoration runs elsewhere
+    assert storescu(node.port, make_input(tmp_path, seed=7)).returncode == 0
+    time.sleep(2)
+    assert str(node.joblog().list_jobs()[0].status) == "received"  # nobody restores it yet
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([NODE_BIN, "worker", "--config", str(node.config_path)], stdout=log, stderr=log,
+                              cwd=node.folder)
+    try:
+        [job] = node.wait_for_jobs(1)
+        pacs.wait_for(job.derived_sop_instance_uid)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0  # stops cleanly
 
 
 def test_pacs_down_then_up_everything_is_delivered(tmp_path, node_factory):
