@@ -131,6 +131,7 @@ class Worker:
             timings=processed.timings,
             device=processed.device,
             model_digest=processed.model_digest,
+            model_name=processed.model_name,
             deliveries=deliveries,
         )
         log.info("job %s: restored → %s (%.1f s)", job.id, derived_uid, processed.timings.get("total", 0.0))

@@ -242,6 +242,7 @@ def test_deep_profile_restores_with_the_shipped_model(tmp_path, pacs, node_facto
     derived = dcmread(io.BytesIO(pacs.file(pacs.wait_for(job.derived_sop_instance_uid))))
     assert "hresnet-phantom-50" in derived.DerivationDescription
     assert job.pipeline == "deep" and len(job.model_digest) == 64 and job.device in ("cpu", "cuda")
+    assert job.model_name == "hresnet-phantom-50"  # resolved by dose fraction: the profile named none
 
 
 def test_a_worker_started_alone_takes_the_jobs(tmp_path, pacs, node_factory):

@@ -132,7 +132,7 @@ class JobLog:
     def job_processed(
         self, job_id: int, worker: str, *, derived_path: str, derived_sop_instance_uid: str,
         qc: dict[str, Any], timings: dict[str, float], device: str, model_digest: str | None,
-        deliveries: Sequence[tuple[str, str]],
+        deliveries: Sequence[tuple[str, str]], model_name: str | None = None,
     ) -> bool:
         """Record the derived image and queue one delivery per (destination, kind), due now.
 
@@ -153,6 +153,8 @@ class JobLog:
             job.timings = {**(job.timings or {}), **timings}
             job.device = device
             job.model_digest = model_digest
+            if model_name:  # the model a restorer resolved when the profile named none
+                job.model_name = model_name
             job.lease_owner = job.lease_expires_at = None
             job.status = JobStatus.forwarding
             session.add_all(
