@@ -18,7 +18,7 @@ import typer
 
 from dicom_node import __version__
 from dicom_node.config import ConfigError, load_config
-from dicom_node.console import run_app
+from dicom_node.console import parse_size, run_app
 
 app = typer.Typer(
     name="dicom-node",
@@ -126,12 +126,9 @@ def process(
 
 def _parse_size(size: str) -> tuple[int, int]:
     try:
-        rows, cols = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--size must look like 1024x832, got {size!r}") from None
-    if not (32 <= rows <= 8192 and 32 <= cols <= 8192):
-        raise UserError(f"--size must be between 32 and 8192 pixels a side, got {size}")
-    return rows, cols
+        return parse_size(size)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 @app.command()
@@ -358,18 +355,23 @@ def jobs(
         typer.echo("no jobs", err=True)
 
 
+def _change_job(config: Path | None, job_id: int, action: str) -> None:
+    """Run JobLog.retry or JobLog.cancel; an impossible change is a user error."""
+    from dicom_node.joblog import JobLog
+
+    try:
+        getattr(JobLog(load_config(config).database_url), action)(job_id)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 @app.command()
 def retry(
     job_id: Annotated[int, typer.Argument(metavar="JOB", help="Job number (see `jobs`).")],
     config: ConfigOption = None,
 ) -> None:
     """Queue a failed or cancelled job (or its failed sends) again."""
-    from dicom_node.joblog import JobLog
-
-    try:
-        JobLog(load_config(config).database_url).retry(job_id)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    _change_job(config, job_id, "retry")
     typer.echo(f"job {job_id} queued again")
 
 
@@ -379,12 +381,7 @@ def cancel(
     config: ConfigOption = None,
 ) -> None:
     """Stop a job: it will not be processed or sent any further."""
-    from dicom_node.joblog import JobLog
-
-    try:
-        JobLog(load_config(config).database_url).cancel(job_id)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    _change_job(config, job_id, "cancel")
     typer.echo(f"job {job_id} cancelled")
 
 

@@ -38,3 +38,14 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog: str, user_errors:
               file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def parse_size(text: str, minimum: int = 32, maximum: int = 8192) -> tuple[int, int]:
+    """'ROWSxCOLS' as two ints within [minimum, maximum]; ValueError with a sentence otherwise."""
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must look like 1024x832, got {text!r}") from None
+    if not (minimum <= rows <= maximum and minimum <= cols <= maximum):
+        raise ValueError(f"--size must be between {minimum} and {maximum} pixels a side, got {text}")
+    return rows, cols

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
   # typer vendors click (pinned range)
 
-from dicom_node.console import run_app
+from dicom_node.console import parse_size, run_app
 from trainer.experiment import ExperimentError
 
 app = typer.Typer(
@@ -83,12 +83,9 @@ def export(
 
 def _parse_size(size: str) -> tuple[int, int]:
     try:
-        rows, cols = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise ExperimentError(f"--size must look like 512x416, got {size!r}") from None
-    if not (128 <= rows <= 8192 and 128 <= cols <= 8192):
-        raise ExperimentError(f"--size must be between 128 and 8192 pixels a side, got {size}")
-    return rows, cols
+        return parse_size(size, minimum=128)
+    except ValueError as exc:
+        raise ExperimentError(str(exc)) from None
 
 
 @app.command()

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
