@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dicom_node.restore import deep
+from dicom_node.restore.deep import store as deep
 from dicom_node.restore.deep import DeepRestorer, load_model, resolve_model, tiled_inference
 from dicom_node.restore.networks import build_network
 from dicom_node.restore.noise import NoiseModel
@@ -111,7 +111,7 @@ def loads(monkeypatch):
         return load(model_dir, name)
 
     monkeypatch.setattr(deep, "load_model", counting)
-    deep._cached_model.cache_clear()
+    deep.cached_model.cache_clear()
     return names
 
 
@@ -287,7 +287,7 @@ def test_default_model_from_the_environment_and_loaded_once(tmp_path, half_dose,
     with pytest.raises(ValueError, match="no default model for dose fraction 0.1 .*available: 0.5 \\(half\\), 0.25 \\(quarter\\)"):
         restorer.restore(half_dose, NOISE, 0.1)
     monkeypatch.delenv(deep.MODEL_DIR_VARIABLE)
-    assert DeepRestorer().model_dir == deep.SHIPPED_MODEL_DIR == Path(deep.__file__).parent.parent / "models"
+    assert DeepRestorer().model_dir == deep.SHIPPED_MODEL_DIR == Path(deep.__file__).parents[2] / "models"
 
 
 def test_a_model_for_another_dose_fraction_is_refused(tmp_path, half_dose):

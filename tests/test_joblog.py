@@ -21,7 +21,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import StatementError
 
 from dicom_node.joblog import DeliverySnapshot, DeliveryStatus, JobLog, JobSnapshot, JobStatus
-from dicom_node.joblog.models import Base, Delivery, Job
+from dicom_node.joblog.tables import Base, Delivery, Job
 
 
 def job_fields(n: int) -> dict:

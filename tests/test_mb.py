@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from dicom_node.restore.mask import bounding_box, breast_mask
-from dicom_node.restore.mb import GatBm3dRestorer, blend, blend_weights
+from dicom_node.restore.gat_bm3d import GatBm3dRestorer, blend, blend_weights
 from dicom_node.restore.noise import NoiseModel
 
 GAIN, SIGMA_E, OFFSET = 0.1, 3.0, 50.0

@@ -172,7 +172,7 @@ def test_receive_imports_no_restoration_code() -> None:
     probe = ("import sys, dicom_node.receive; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'bm3d') "
              "or m.startswith('dicom_node.restore.') and m != 'dicom_node.restore.noise' "
-             "or m in ('dicom_node.processing', 'dicom_node.sim')))")
+             "or m in ('dicom_node.pipeline.processing', 'dicom_node.sim')))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from dicom_node.restore.mb import GatBm3dRestorer
+from dicom_node.restore.gat_bm3d import GatBm3dRestorer
 from dicom_node.restore.registry import create_restorer, register_restorer, restorer_names
 
 

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 from dicom_node.config import parse_config
 from dicom_node.joblog import JobLog
-from dicom_node.schedule import remove_expired_files
+from dicom_node.node.schedule import remove_expired_files
 
 
 def job(joblog: JobLog, path, uid: str) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import dicom_node
-from dicom_node.restore.deep import file_sha256
+from dicom_node.restore.deep.store import file_sha256
 from trainer.experiment import Experiment, ExperimentError
 from trainer.train import build_experiment_network, load_checkpoint
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from dicom_node.restore.noise import NoiseModel
 
-_BUILTIN_MODULES = ("dicom_node.restore.mb", "dicom_node.restore.deep")
+_BUILTIN_MODULES = ("dicom_node.restore.gat_bm3d", "dicom_node.restore.deep")
 
 
 @dataclass

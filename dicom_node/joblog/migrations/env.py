@@ -7,7 +7,7 @@ config.attributes["connection"] set, then `alembic.command.revision(config, auto
 
 from alembic import context
 
-from dicom_node.joblog.models import Base
+from dicom_node.joblog.tables import Base
 
 connection = context.config.attributes["connection"]
 # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.

@@ -18,9 +18,9 @@ from dicom_node.config import Config
 from dicom_node.forward.dispatch import Dispatcher
 from dicom_node.joblog import JobLog
 from dicom_node.receive import StorageSCP
-from dicom_node.schedule import build_scheduler
+from dicom_node.node.schedule import build_scheduler
 
-log = logging.getLogger("dicom_node.service")
+log = logging.getLogger("dicom_node.node.service")
 
 SUPERVISE_EVERY_S = 1.0
 WORKER_STOP_GRACE_S = 10.0
@@ -28,8 +28,8 @@ WORKER_STOP_GRACE_S = 10.0
 
 def _worker_process(config: Config) -> None:
     """Body of a worker process: stop cleanly (after the job in hand) on SIGTERM or SIGINT."""
-    from dicom_node.logs import configure_logging
-    from dicom_node.worker import run_worker
+    from dicom_node.node.logs import configure_logging
+    from dicom_node.pipeline.worker import run_worker
 
     configure_logging()
     stop = threading.Event()

@@ -19,7 +19,7 @@ from dicom_node.config import Config
 from dicom_node.forward.dispatch import Dispatcher
 from dicom_node.joblog import JobLog, JobStatus
 
-log = logging.getLogger("dicom_node.schedule")
+log = logging.getLogger("dicom_node.node.schedule")
 
 DISPATCH_EVERY_S = 1.0
 CONCURRENT_SENDS = 4

@@ -19,9 +19,9 @@ from pathlib import Path
 from dicom_node.config import Config, ConfigError
 from dicom_node.imaging import ImagingError, read_mammogram, save_dataset
 from dicom_node.joblog import JobLog
-from dicom_node.processing import ProcessingError, restore_mammogram, restorer_options
+from dicom_node.pipeline.processing import ProcessingError, restore_mammogram, restorer_options
 
-log = logging.getLogger("dicom_node.worker")
+log = logging.getLogger("dicom_node.pipeline.worker")
 
 IDLE_POLL_S = 0.5
 

@@ -21,7 +21,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .db import WRITE, make_engine, upgrade
-from .models import (
+from .tables import (
     DELIVERY_KINDS,
     Delivery,
     DeliverySnapshot,

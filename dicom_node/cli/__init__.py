@@ -41,7 +41,7 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from dicom_node.imaging import ImagingError
-    from dicom_node.processing import ProcessingError
+    from dicom_node.pipeline.processing import ProcessingError
 
     return (UserError, ConfigError, ImagingError, ProcessingError)
 
@@ -75,7 +75,7 @@ def process(
 ) -> None:
     """Restore one raw mammogram file offline and write the derived DICOM."""
     from dicom_node.imaging import read_mammogram, save_dataset
-    from dicom_node.processing import NoiseOverrides, restore_mammogram, restorer_options
+    from dicom_node.pipeline.processing import NoiseOverrides, restore_mammogram, restorer_options
 
     started = time.perf_counter()
     cfg = load_config(config)
@@ -148,7 +148,7 @@ def phantom(
     config: ConfigOption = None,
 ) -> None:
     """Write synthetic raw MG For Processing files (and their noise-free truth) for demos and tests."""
-    from dicom_node.demo import simulated_noise, write_flat_fields, write_phantom_study
+    from dicom_node.tools.demo import simulated_noise, write_flat_fields, write_phantom_study
 
     cfg = load_config(config)
     shape = _parse_size(size)
@@ -236,7 +236,7 @@ def demo(
     config: ConfigOption = None,
 ) -> None:
     """Restore a synthetic half-dose phantom and compare it with full dose and the truth."""
-    from dicom_node.demo import format_table, run_demo
+    from dicom_node.tools.demo import format_table, run_demo
 
     if realisations < 2:
         raise UserError("--realisations must be at least 2 (residual noise needs repeated acquisitions)")
@@ -256,8 +256,8 @@ def demo(
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receiver, workers, forwarder and scheduler, until SIGTERM or Ctrl-C."""
-    from dicom_node.logs import configure_logging
-    from dicom_node.service import serve as run_node
+    from dicom_node.node.logs import configure_logging
+    from dicom_node.node.service import serve as run_node
 
     cfg = load_config(config)
     configure_logging()
@@ -270,8 +270,8 @@ def worker(config: ConfigOption = None) -> None:
     import signal
     import threading
 
-    from dicom_node.logs import configure_logging
-    from dicom_node.worker import run_worker
+    from dicom_node.node.logs import configure_logging
+    from dicom_node.pipeline.worker import run_worker
 
     cfg = load_config(config)
     configure_logging()
@@ -392,7 +392,7 @@ def selftest(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the restored image.")] = 600,
 ) -> None:
     """Push a synthetic phantom through the running node to a loopback receiver; time each stage."""
-    from dicom_node.selftest import SelftestError, run_selftest
+    from dicom_node.tools.selftest import SelftestError, run_selftest
 
     cfg = load_config(config)
     try:

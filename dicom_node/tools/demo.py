@@ -16,7 +16,7 @@ import numpy as np
 
 from dicom_node.config import Config
 from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
-from dicom_node.processing import restore_mammogram
+from dicom_node.pipeline.processing import restore_mammogram
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mean_snr, mnse

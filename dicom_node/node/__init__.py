@@ -1,0 +1,1 @@
+"""Running the node: starting and supervising its parts, the periodic duties, logging."""

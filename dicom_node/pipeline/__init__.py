@@ -1,0 +1,1 @@
+"""One image through restoration: the worker loop and the restoration of one mammogram."""

@@ -1,0 +1,121 @@
+"""The deep restorer: a trained network restores the breast's box, tiled; the rest is rescaled.
+
+Torch is imported inside the functions that need it, so registering this restorer (the registry
+imports this module to list restorers) stays cheap and torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dicom_node.restore.deep.store import DOSE_TOLERANCE, cached_model, default_model_dir, resolve_model
+from dicom_node.restore.deep.tiling import tiled_inference
+from dicom_node.restore.mask import bounding_box, breast_mask
+from dicom_node.restore.gat_bm3d import mean_ratio, validated_input
+from dicom_node.restore.noise import NoiseModel
+from dicom_node.restore.normalisation import Normalisation
+from dicom_node.restore.registry import Restoration, StageTimer, register_restorer
+
+if TYPE_CHECKING:
+    import torch
+
+_BOX_MARGIN = 32  # px of background context around the breast, as in the MB path
+
+
+def _select_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"unknown device {device!r} (auto, cuda or cpu)")
+    return device
+
+
+@register_restorer("deep")
+class DeepRestorer:
+    """A trained network restores the image; its model card says how to normalise and for what dose.
+
+    Without `model`, the model directory's model for the requested dose fraction is used (the
+    newest if several). A model trained for another dose fraction is refused: a network trained
+    to restore 50 % dose would silently mis-restore a 25 % image.
+
+    QC figures (`Restoration.qc`; NaN where undefined):
+    - breast_fraction: fraction of the image inside the breast mask;
+    - mean_ratio: restored mean / ((z − τ)/r) mean in the breast, offsets removed (≈1: unbiased);
+    - dose_fraction_mismatch: |model's dose fraction − requested| (0, or the restore refuses);
+    - model_dose_fraction: the dose fraction the model was trained for.
+
+    Timings (seconds): load (resolve, and read the model unless cached), normalise, inference,
+    denormalise, qc, total.
+    """
+
+    name = "deep"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        model_dir: Path | str | None = None,
+        device: str = "auto",
+        tile: int = 512,
+        batch: int = 4,
+    ) -> None:
+        self.model = model or None
+        self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.device = _select_device(device)
+        self.tile = tile
+        self.batch = batch
+        self.model_name: str | None = None  # the model used last (resolved by dose fraction when unset)
+        self.digest: str | None = None  # its weights' sha256
+        self.card: dict[str, Any] | None = None
+        if self.model:
+            self._load(self.model)
+
+    def _load(self, name: str) -> tuple["torch.nn.Module", dict[str, Any]]:
+        weights = self.model_dir / f"{name}.safetensors"
+        modified = weights.stat().st_mtime_ns if weights.is_file() else 0
+        net, card = cached_model(str(self.model_dir.resolve()), name, self.device, modified)
+        self.model_name, self.digest, self.card = name, card["weights_sha256"], card
+        return net, card
+
+    def restore(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Restoration:
+        raw = validated_input(raw, noise, dose_fraction)
+        timer = StageTimer()
+        lap = timer.lap
+        name = resolve_model(self.model_dir, self.model, dose_fraction)
+        net, card = self._load(name)
+        model_dose = float(card["dose_fraction"])
+        if abs(model_dose - dose_fraction) > DOSE_TOLERANCE:
+            raise ValueError(
+                f"model {name!r} was trained for dose fraction {model_dose:g}, not {dose_fraction:g}; "
+                f"choose a model for {dose_fraction:g} or leave the model unset to use the default"
+            )
+        normalisation = Normalisation.from_dict(card["normalisation"])
+        lap("load")
+        # Like the MB path: the network sees the breast's bounding box (it was trained on breast
+        # patches); the direct-exposure background outside it is rescaled linearly.
+        mask = breast_mask(raw, noise)
+        rows, cols = bounding_box(mask, max(_BOX_MARGIN, net.receptive_field_radius))
+        box_noise = noise.crop(rows, cols)
+        image = (raw - noise.offset) / dose_fraction + noise.offset
+        x = normalisation.to_network(raw[rows, cols], box_noise, dose_fraction)
+        lap("normalise")
+        output = tiled_inference(net, x, tile=self.tile, batch=self.batch, device=self.device) if x.size else x
+        lap("inference")
+        if x.size:
+            image[rows, cols] = normalisation.from_network(output, box_noise)
+        lap("denormalise")
+        qc = {
+            "breast_fraction": float(mask.mean()),
+            "bbox_pixels": float(x.size),
+            "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, mask),
+            "dose_fraction_mismatch": abs(model_dose - dose_fraction),
+            "model_dose_fraction": model_dose,
+        }
+        lap("qc")
+        return Restoration(image=image, qc=qc, timings=timer.finish())

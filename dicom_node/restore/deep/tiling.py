@@ -1,0 +1,89 @@
+"""Tiled inference: a fully convolutional network over a whole image, tile by tile, exactly.
+
+Torch is imported inside the functions, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+def tiled_inference(
+    net: "torch.nn.Module",
+    image: np.ndarray,
+    *,
+    tile: int = 512,
+    margin: int | None = None,
+    batch: int = 4,
+    device: "torch.device | str | None" = None,
+) -> np.ndarray:
+    """Apply a fully convolutional `net` to a 2-D image tile by tile; equals one whole-image pass.
+
+    Each tile is a tile×tile window of the image itself (fewer pixels where the image is
+    smaller) of which only the part at least `margin` px from a cut edge is kept: a cut edge
+    (the network's zero padding inside the image) reaches no further than the receptive-field
+    radius, while at the image's own border the window sees exactly what the whole-image pass
+    sees. Windows are shifted inwards at the borders so all have one size and batch together.
+    On CUDA runs under bf16 (or fp16) autocast; on the CPU in float32.
+    """
+    import torch
+
+    radius = int(net.receptive_field_radius)
+    margin = radius if margin is None else margin
+    if margin < radius:
+        raise ValueError(f"margin {margin} px is below the network's receptive-field radius {radius} px")
+    if tile <= 2 * margin:
+        raise ValueError(f"tile {tile} px leaves nothing inside two margins of {margin} px")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"tiled_inference needs a 2-D image, got shape {image.shape}")
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    tiles = [(rows, cols) for rows in _spans(image.shape[0], tile, margin) for cols in _spans(image.shape[1], tile, margin)]
+    output = np.full_like(image, np.nan)  # a pixel no tile covered would show
+    with torch.inference_mode(), _autocast(device):
+        for first in range(0, len(tiles), batch):
+            group = tiles[first : first + batch]
+            windows = np.stack([image[rows.window, cols.window] for rows, cols in group])[:, None]
+            result = net(torch.from_numpy(windows).to(device)).float().cpu().numpy()[:, 0]
+            for (rows, cols), out in zip(group, result):
+                output[rows.core, cols.core] = out[rows.kept, cols.kept]
+    return output
+
+
+class _Span:
+    """One axis of a tile: the window given to the network and the core kept from it."""
+
+    def __init__(self, window_start: int, window_stop: int, core_start: int, core_stop: int) -> None:
+        self.window = slice(window_start, window_stop)
+        self.core = slice(core_start, core_stop)
+        self.kept = slice(core_start - window_start, core_stop - window_start)
+
+
+def _spans(length: int, tile: int, margin: int) -> list[_Span]:
+    if length <= tile:
+        return [_Span(0, length, 0, length)]
+    core = tile - 2 * margin
+    spans = []
+    for start in range(0, length, core):
+        window_start = min(max(start - margin, 0), length - tile)
+        spans.append(_Span(window_start, window_start + tile, start, min(start + core, length)))
+    return spans
+
+
+def _autocast(device: "torch.device") -> contextlib.AbstractContextManager:
+    import torch
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+

@@ -1,0 +1,1 @@
+"""Tools around the node: the demonstration and the self-test."""
