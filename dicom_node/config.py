@@ -1,7 +1,7 @@
 """The one configuration loader: TOML validated by pydantic.
 
 Every part of the node (serve, worker, process, calibrate, phantom) reads its settings through
-`load_config`. A wrong key or value becomes a `ConfigError` whose text is one line naming the key,
+`load_config`. A wrong key or value becomes a `ConfigurationError` whose text is one line naming the key,
 so radiology IT can fix the file without reading a traceback.
 """
 
@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import random
 import tomllib
-from datetime import datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dicom_node.restore.noise import NoiseModel
+from dicom_node.errors import ConfigurationError
 
 CONFIG_ENV = "DICOM_NODE_CONFIG"
 """Environment variable naming the configuration file when --config is not given."""
 
 AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
-
-
-class ConfigError(Exception):
-    """A configuration problem, worded as one line for a person."""
 
 
 class _Strict(BaseModel):
@@ -96,13 +89,24 @@ class Destination(_Strict):
         return self
 
 
-class Profile(_Strict):
-    pipeline: Literal["gat-bm3d", "deep"] = "gat-bm3d"
-    model: str = ""
-    blend: Literal["plain", "noise-aware"] = "plain"  # gat-bm3d: see GatBm3dRestorer
+class Profile(BaseModel):
+    """How the images of a source are restored and where they go.
+
+    Every key besides these is an option of the profile's restorer (gat-bm3d: `blend`; deep:
+    `model`), passed to it as given; the restorer registry checks them
+    (`dicom_node.pipeline.processing.check_profiles`), so a new option needs no change here.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    pipeline: str = Field("gat-bm3d", min_length=1)
     dose_fraction: float = Field(gt=0, le=1)
     destinations: list[str] = []
     forward_original: bool = False
+
+    @property
+    def restorer_options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class Detector(_Strict):
@@ -117,27 +121,17 @@ class WorkerSettings(_Strict):
     lease_s: float = Field(300, gt=0)  # a claimed job returns to the queue if not renewed in time
     heartbeat_s: float = Field(30, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_attempts: int = Field(3, ge=1)  # an internal error is retried until a job has been tried this often
 
 
 class RetryPolicy(_Strict):
+    """dcm4chee's retry policy as data; `dicom_node.forward.retry` does the arithmetic."""
+
     initial_s: float = Field(30, gt=0)
     multiplier: float = Field(2.0, ge=1)
     jitter: float = Field(0.1, ge=0, le=1)
     max_delay_s: float = Field(3600, gt=0)
     max_age_h: float = Field(72, gt=0)
-
-    def retry_at(self, attempt: int, first_seen: datetime, now: datetime) -> datetime | None:
-        """When to try again after failed attempt number `attempt` (1, 2, …); None: give up.
-
-        The delay grows geometrically up to max_delay_s, spread by ±jitter so that a PACS coming
-        back is not hit by every waiting image at once; past max_age_h the failure is final.
-        """
-        delay = min(self.initial_s * self.multiplier ** max(attempt - 1, 0), self.max_delay_s)
-        delay *= 1 + self.jitter * random.uniform(-1, 1)
-        when = now + timedelta(seconds=delay)
-        if when - first_seen > timedelta(hours=self.max_age_h):
-            return None
-        return when
 
 
 class SelftestSettings(_Strict):
@@ -151,7 +145,7 @@ class SelftestSettings(_Strict):
 
 
 SELFTEST_PROFILE = "selftest"
-SELFTEST_DESTINATION = "selftest-receiver"
+"""The built-in profile of images from the selftest (`dicom_node.tools.selftest` adds it)."""
 
 
 class Config(_Strict):
@@ -181,22 +175,6 @@ class Config(_Strict):
                 raise ValueError(f"source {source.ae_title!r} names unknown profile {source.profile!r}")
         return self
 
-    def with_selftest(self) -> "Config":
-        """This configuration plus the selftest's profile and loopback destination (for `serve`)."""
-        if SELFTEST_PROFILE in self.profiles:
-            return self
-        receiver = Destination(
-            name=SELFTEST_DESTINATION, ae_title=self.selftest.receiver_ae, host="127.0.0.1",
-            port=self.selftest.receiver_port, timeout_s=30,
-        )
-        profile = Profile(pipeline="gat-bm3d", dose_fraction=self.selftest.dose_fraction, destinations=[receiver.name])
-        return self.model_copy(
-            update={
-                "destinations": [*self.destinations, receiver],
-                "profiles": {**self.profiles, SELFTEST_PROFILE: profile},
-            }
-        )
-
     @property
     def base_dir(self) -> Path:
         """Relative paths in the file are relative to the file's folder (cwd for defaults)."""
@@ -216,31 +194,6 @@ class Config(_Strict):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.data_dir / 'joblog.sqlite'}"
-
-    def detector_for(self, serial: str | None) -> tuple[str, Detector] | None:
-        """The detector entry for a Device Serial Number, else the `default` entry, else None."""
-        if serial and serial in self.detectors:
-            return serial, self.detectors[serial]
-        if "default" in self.detectors:
-            return "default", self.detectors["default"]
-        return None
-
-    def noise_model(self, name: str, shape: tuple[int, int] | None = None) -> NoiseModel:
-        """The NoiseModel of detector entry `name`, loading its gain map when it has one."""
-        detector = self.detectors[name]
-        gain: float | np.ndarray = detector.gain
-        if detector.gain_map is not None:
-            path = self.resolve(detector.gain_map)
-            try:
-                gain = np.load(path)
-            except (OSError, ValueError) as exc:
-                raise ConfigError(f"detectors.{name}.gain_map: cannot read {path}: {exc}") from None
-            if shape is not None and gain.shape != tuple(shape):
-                raise ConfigError(
-                    f"detectors.{name}.gain_map: map is {gain.shape[0]}×{gain.shape[1]} "
-                    f"but the image is {shape[0]}×{shape[1]}"
-                )
-        return NoiseModel(gain, detector.electronic_noise, detector.offset)
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -264,7 +217,7 @@ def parse_config(data: dict, path: Path | None = None) -> Config:
         return Config.model_validate({**data, "path": path})
     except ValidationError as exc:
         where = str(path) if path else "embedded defaults"
-        raise ConfigError(f"{where}: {describe_validation_error(exc)}") from None
+        raise ConfigurationError(f"{where}: {describe_validation_error(exc)}") from None
 
 
 def default_config_text() -> str:
@@ -281,9 +234,9 @@ def load_config(path: str | Path | None = None) -> Config:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+        raise ConfigurationError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, path.resolve())

@@ -1,7 +1,8 @@
 """Running a typer app the way every command of this project behaves for a person.
 
-A user error (a usage mistake, or one of the app's own user-error types) is one line on stderr
-and exit code 2; anything unexpected is one line too, unless DICOM_NODE_DEBUG is set.
+A user error (a usage mistake, or any `NodeError`: refused input, wrong configuration, an
+unavailable peer) is one line on stderr and exit code 2; anything unexpected (an internal error)
+is one line too, and exit code 1, unless DICOM_NODE_DEBUG is set.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click (pinned range)
 
+from dicom_node.errors import NodeError
 
-def run_app(app: typer.Typer, argv: list[str] | None, *, prog: str, user_errors: tuple[type[Exception], ...],
-            obj: Any = None) -> None:
+
+def run_app(app: typer.Typer, argv: list[str] | None, *, prog: str, obj: Any = None) -> None:
     """Run `app` on `argv` and exit with its code; never lets a traceback reach the terminal."""
     label = prog.split()[-1]
     try:
@@ -28,7 +30,7 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog: str, user_errors:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except user_errors as exc:
+    except NodeError as exc:
         print(f"{label}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
@@ -41,11 +43,12 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog: str, user_errors:
 
 
 def parse_size(text: str, minimum: int = 32, maximum: int = 8192) -> tuple[int, int]:
-    """'ROWSxCOLS' as two ints within [minimum, maximum]; ValueError with a sentence otherwise."""
+    """'ROWSxCOLS' as two ints within [minimum, maximum]; a usage error (one line, exit 2) otherwise."""
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size must look like 1024x832, got {text!r}") from None
+        raise typer.BadParameter(f"must look like 1024x832, got {text!r}", param_hint="--size") from None
     if not (minimum <= rows <= maximum and minimum <= cols <= maximum):
-        raise ValueError(f"--size must be between {minimum} and {maximum} pixels a side, got {text}")
+        raise typer.BadParameter(f"must be between {minimum} and {maximum} pixels a side, got {text}",
+                                 param_hint="--size")
     return rows, cols

@@ -1,7 +1,14 @@
-"""Run the Debian DICOM tools the tests check against; a missing tool fails the test, naming its package."""
+"""Run the Debian DICOM tools the tests check against; a missing tool fails the test, naming its package.
+
+Also the simulated inputs the tests feed the node: the embedded defaults' SIM-0001 detector and
+low-dose phantom mammograms acquired with it.
+"""
 
 import shutil
 import subprocess
+import tomllib
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -61,3 +68,35 @@ def transfer_syntax_of(path: Path) -> str:
     """The Transfer Syntax UID a file declares, as dcmdump reads it (independent of pydicom)."""
     output = run_tool("dcmdump", "+P", "TransferSyntaxUID", "-Un", path).stdout
     return output.split("[", 1)[1].split("]", 1)[0]
+
+
+SIM_DETECTOR = "SIM-0001"
+
+
+@cache
+def sim_noise_model():
+    """The noise model of the simulated detector, as the embedded defaults (dicom_node/defaults/node.toml)
+    calibrate it, read from the file itself so that the tests and the node cannot disagree."""
+    from dicom_node.restore.noise import NoiseModel
+
+    text = resources.files("dicom_node").joinpath("defaults/node.toml").read_text()
+    entry = tomllib.loads(text)["detectors"][SIM_DETECTOR]
+    return NoiseModel(entry["gain"], entry["electronic_noise"], entry["offset"])
+
+
+def low_dose_mammogram(path: Path, seed: int, shape: tuple[int, int] = (256, 208), dose_fraction: float = 0.5,
+                       noise_seed: int | None = None, **dataset_options) -> Path:
+    """A phantom acquired by the simulated detector at `dose_fraction`, written as a raw DICOM mammogram.
+
+    The phantom comes from `seed`, the noise from `noise_seed` (default: `seed`); `dataset_options`
+    go to `raw_mammogram_dataset` (its default detector serial is SIM-0001).
+    """
+    from dicom_node.imaging import raw_mammogram_dataset, save_dataset
+    from dicom_node.sim.acquisition import acquire
+    from dicom_node.sim.phantom import make_phantom
+
+    phantom = make_phantom(shape, seed=seed)
+    pixels = acquire(phantom.signal, sim_noise_model(), dose_fraction,
+                     rng_or_seed=seed if noise_seed is None else noise_seed)
+    save_dataset(raw_mammogram_dataset(pixels, seed=seed, **dataset_options), path)
+    return path

@@ -86,8 +86,9 @@ def test_demo_reports_noise_and_bias(capsys, tmp_path):
     code, out, err = run(capsys, "demo", str(tmp_path), "--size", "192x160", "--realisations", "2")
     print(out)
     assert code == 0, err
-    rows = {r["group"].split()[0]: r for r in json.loads((tmp_path / "report.json").read_text())}
+    rows = {r["method"].split()[0]: r for r in json.loads((tmp_path / "report.json").read_text())}
     assert set(rows) == {"FD", "LD", "restored"}
-    assert rows["restored"]["mnse"] < rows["LD"]["mnse"]
+    assert rows["restored"]["mnse_pct"] < rows["LD"]["mnse_pct"]
+    assert rows["restored"]["seconds_per_image"] > 0 and rows["FD"]["seconds_per_image"] == 0
     assert len(list((tmp_path / "restored").glob("*.dcm"))) == 2
     assert "| restored (gat-bm3d)" in (tmp_path / "report.md").read_text()

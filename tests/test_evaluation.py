@@ -1,10 +1,23 @@
 """The evaluation protocol on stacks whose answer is known analytically."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mean_snr, mnse, snr_map
+from dicom_node.sim.evaluation import (
+    RECORD_FIELDS,
+    calcification_retention,
+    evaluate_group,
+    exact_noise_bias,
+    figures_record,
+    markdown_table,
+    mean_snr,
+    mnse,
+    snr_map,
+)
 from dicom_node.sim.phantom import make_phantom
 
 SHAPE = (120, 100)
@@ -73,3 +86,38 @@ def test_input_checks():
         exact_noise_bias(truth[None], truth, mask)
     with pytest.raises(ValueError, match="positive"):
         exact_noise_bias(np.stack([truth, truth]), truth - 2000, mask)
+
+
+def test_a_group_gets_every_figure_once_and_one_table():
+    phantom = make_phantom((256, 208), seed=3)
+    truth, mask = phantom.signal, phantom.mask
+    rng = np.random.default_rng(5)
+    reference = noisy(truth, 0.1, 6, rng)
+    stack = noisy(truth, 0.2, 3, rng)
+    row = evaluate_group("LD", stack, reference, truth, phantom.calcifications, mask, seconds=1.5)
+    assert row.protocol == mnse(stack, reference, mask) and row.exact == exact_noise_bias(stack, truth, mask)
+    assert row.mean_snr == pytest.approx(mean_snr(stack, mask), rel=1e-12)
+    expected_retention = calcification_retention(stack.mean(axis=0), truth, phantom.calcifications, mask)
+    assert 0 < row.calcification_retention == pytest.approx(expected_retention, rel=1e-12)
+    assert np.isnan(row.snr_map[~mask]).all() and np.isfinite(row.snr_map[mask]).all()
+
+    record = figures_record(row)
+    assert tuple(record) == RECORD_FIELDS
+    assert record["method"] == "LD" and record["seconds_per_image"] == 1.5
+    assert record["rn_pct"] == pytest.approx(100 * row.protocol.rn) and record["exact_b2_pct"] == pytest.approx(100 * row.exact.b2)
+    table = markdown_table([row])
+    print(table)
+    header, rule, line = table.splitlines()
+    assert header.count("|") == rule.count("|") == line.count("|") == 11
+    assert line.startswith(f"| LD | {record['mnse_pct']:.2f} | {record['rn_pct']:.2f} |") and line.endswith("| 1.50 |")
+
+
+def test_the_evaluation_module_needs_no_dicom_network_database_or_configuration():
+    code = (
+        "import sys\n"
+        "import dicom_node.sim.evaluation\n"
+        "heavy = ('pydicom', 'pynetdicom', 'sqlalchemy', 'torch', 'dicom_node.config', 'dicom_node.imaging')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +22,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicomtools import dcmtk_convert, transfer_syntax_of
 from dicom_node import config
+from dicom_node import files as files_module
 from dicom_node.forward import FolderDestination, NetworkDestination, SendResult, echo, make_destination, send_file
-from dicom_node.forward import destinations as destinations_module
 from dicom_node.imaging import MG_FOR_PROCESSING, raw_mammogram_dataset, save_dataset
-from peers import free_port, require
+from peers import Storescp, free_port, wait_until
 
 CALLING_AE = "DOSENODE"
 MAX_14_BIT = (1 << 14) - 1
@@ -41,72 +38,27 @@ def mammogram(folder: Path, shape: tuple[int, int] = (64, 48), seed: int = 1) ->
     return path, pixels
 
 
-@dataclass
-class Storescp:
-    port: int
-    folder: Path
-    process: subprocess.Popen
-
-    def received(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file())
-
-    def send(self, path: Path, timeout_s: float = 10) -> SendResult:
-        return send_file(path, ae_title="STORESCP", host="127.0.0.1", port=self.port,
-                         calling_ae=CALLING_AE, timeout_s=timeout_s)
+def send(peer: Storescp, path: Path, timeout_s: float = 10) -> SendResult:
+    """Send to a storescp peer with the node's sender."""
+    return send_file(path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port,
+                     calling_ae=CALLING_AE, timeout_s=timeout_s)
 
 
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[Callable[..., Storescp]]:
-    """Start DCMTK storescp with the given options; every one started is killed afterwards."""
-    binary = require("storescp", "dcmtk")
-    started: list[subprocess.Popen] = []
-
-    def start(*options: str) -> Storescp:
-        port = free_port()
-        folder = tmp_path / f"storescp-{port}"
-        folder.mkdir()
-        process = subprocess.Popen([binary, *options, "-od", str(folder), str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(process)
-        wait_for_port(port, process)
-        return Storescp(port, folder, process)
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.kill()
-            process.wait(10)
+def threads_started_since(before: set[threading.Thread]) -> list[str]:
+    return [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
 
 
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"storescp exited with {process.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"storescp did not listen on port {port} within {timeout} s")
-
-
-def new_threads(before: set[threading.Thread], settle_s: float = 1.0) -> list[str]:
-    """Threads started since `before` that are still alive after a short settling time."""
-    deadline = time.monotonic() + settle_s
-    while True:
-        alive = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
+def assert_no_new_threads(before: set[threading.Thread], settle_s: float = 1.0) -> None:
+    """Every thread started since `before` ends within a short settling time."""
+    wait_until(lambda: not threads_started_since(before), settle_s, interval=0.05,
+               message=lambda: f"threads left running: {threads_started_since(before)}")
 
 
 def test_sent_file_arrives_unchanged(storescp, tmp_path):
     peer = storescp()
     path, pixels = mammogram(tmp_path)
     before = set(threading.enumerate())
-    result = peer.send(path)
+    result = send(peer, path)
     print(f"\nstore to storescp: {result.message} in {result.seconds * 1000:.0f} ms")
     assert result.ok and result.status == 0, result
     assert "STORESCP@127.0.0.1" in result.message
@@ -116,7 +68,7 @@ def test_sent_file_arrives_unchanged(storescp, tmp_path):
     assert arrived.SOPClassUID == MG_FOR_PROCESSING
     assert arrived.PixelData == sent.PixelData
     np.testing.assert_array_equal(arrived.pixel_array, pixels)
-    assert new_threads(before) == []
+    assert_no_new_threads(before)
 
 
 def test_compressed_file_is_decompressed_for_a_peer_taking_only_uncompressed(storescp, tmp_path):
@@ -124,7 +76,7 @@ def test_compressed_file_is_decompressed_for_a_peer_taking_only_uncompressed(sto
     raw, pixels = mammogram(tmp_path)
     compressed = dcmtk_convert("dcmcjpls", raw, tmp_path / "jpegls.dcm")
     assert transfer_syntax_of(compressed) == JPEGLSLossless
-    result = peer.send(compressed)
+    result = send(peer, compressed)
     print(f"\nJPEG-LS to uncompressed-only storescp: {result.message} in {result.seconds * 1000:.0f} ms")
     assert result.ok, result
     [received] = peer.received()
@@ -138,7 +90,7 @@ def test_compressed_file_goes_as_it_is_to_a_peer_taking_it(storescp, tmp_path):
     peer = storescp("+xt", "+B")  # accepts JPEG-LS lossless; writes what it receives, bit for bit
     raw, pixels = mammogram(tmp_path)
     compressed = dcmtk_convert("dcmcjpls", raw, tmp_path / "jpegls.dcm")
-    result = peer.send(compressed)
+    result = send(peer, compressed)
     assert result.ok, result
     [received] = peer.received()
     assert transfer_syntax_of(received) == JPEGLSLossless
@@ -152,14 +104,12 @@ def test_watchdog_frees_a_send_blocked_by_a_receiver_that_stops_reading(storescp
     path, _ = mammogram(tmp_path, shape=(3000, 2400))  # 14 MB: more than the socket buffers hold
     before = set(threading.enumerate())
     started = time.monotonic()
-    result = peer.send(path, timeout_s=timeout_s)
+    result = send(peer, path, timeout_s=timeout_s)
     elapsed = time.monotonic() - started
-    left = new_threads(before)
-    print(f"\nstalled receiver, timeout {timeout_s} s: returned after {elapsed:.2f} s, "
-          f"threads left {left}: {result.message}")
+    print(f"\nstalled receiver, timeout {timeout_s} s: returned after {elapsed:.2f} s: {result.message}")
     assert not result.ok and result.transient, result
     assert elapsed < sleep_s and elapsed < timeout_s + 3
-    assert left == []
+    assert_no_new_threads(before)
 
 
 def test_connection_refused_is_transient(tmp_path):
@@ -175,7 +125,7 @@ def test_connection_refused_is_transient(tmp_path):
 def test_refused_association_is_permanent(storescp, tmp_path):
     peer = storescp("--refuse")
     path, _ = mammogram(tmp_path)
-    result = peer.send(path)
+    result = send(peer, path)
     print(f"\nstorescp --refuse: {result.message}")
     assert not result.ok and not result.transient
     assert "rejected permanently" in result.message
@@ -187,11 +137,11 @@ def test_abort_by_the_receiver_is_transient(storescp, tmp_path, option):
     peer = storescp(option)
     path, _ = mammogram(tmp_path)
     before = set(threading.enumerate())
-    result = peer.send(path)
+    result = send(peer, path)
     print(f"\nstorescp {option}: {result.message} in {result.seconds * 1000:.0f} ms")
     assert not result.ok and result.transient and result.status is None
     assert result.seconds < 5
-    assert new_threads(before) == []
+    assert_no_new_threads(before)
 
 
 def test_echo(storescp):
@@ -302,7 +252,7 @@ def test_folder_destination_leaves_nothing_partial_when_the_write_fails(tmp_path
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(destinations_module.os, "replace", disk_full)
+    monkeypatch.setattr(files_module.os, "replace", disk_full)  # the rename in write_atomically
     result = FolderDestination("archive", folder).send(path)
     print(f"\ndisk full: {result.message}")
     assert not result.ok and result.transient

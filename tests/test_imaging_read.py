@@ -5,13 +5,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+
+from dicom_node.errors import InputRefused
 from pydicom.dataset import Dataset
 
 from dicomtools import gdcmconv
 from dicom_node.imaging import (
     MG_FOR_PRESENTATION,
     AcquisitionParams,
-    ImagingError,
     dataset_bytes,
     raw_mammogram_dataset,
     read_mammogram,
@@ -35,7 +36,7 @@ def raw(pixels: np.ndarray) -> Dataset:
 
 
 def _refusal(source: Dataset | bytes | Path, tmp_path: Path) -> str:
-    """The ImagingError line for ``source`` written as IN.dcm."""
+    """The InputRefused line for ``source`` written as IN.dcm."""
     path = tmp_path / "IN.dcm"
     if isinstance(source, Dataset):
         save_dataset(source, path)
@@ -43,7 +44,7 @@ def _refusal(source: Dataset | bytes | Path, tmp_path: Path) -> str:
         path.write_bytes(source)
     else:
         path = source
-    with pytest.raises(ImagingError) as refused:
+    with pytest.raises(InputRefused) as refused:
         read_mammogram(path)
     message = str(refused.value)
     print(message)
@@ -134,11 +135,11 @@ def test_corrupt_codestream_is_refused(raw: Dataset, tmp_path: Path) -> None:
 
 
 def test_every_truncation_gives_an_imaging_error(raw: Dataset) -> None:
-    """Whatever point a transfer breaks off at, the reader refuses with ImagingError, never another exception."""
+    """Whatever point a transfer breaks off at, the reader refuses with InputRefused, never another exception."""
     data = dataset_bytes(raw)
     kinds = set()
     for length in range(0, len(data) - 1, 97):
-        with pytest.raises(ImagingError) as refused:
+        with pytest.raises(InputRefused) as refused:
             read_mammogram(data[:length])
         kinds.add(str(refused.value).split(":")[0])
     print(f"{len(range(0, len(data) - 1, 97))} truncations, refusal kinds: {sorted(kinds)}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from dicom_node.errors import ConfigurationError
 from trainer.losses import LOSS_NAMES, loss_weights, make_loss, ssim
 from trainer.vgg import VGG16Features, load_vgg16_features
 
@@ -100,7 +101,7 @@ def test_weights_combine():
     assert make_loss("mse+10ssim")(noisy, target).item() == pytest.approx((mse + 10 * ssim_loss).item(), rel=1e-6)
     assert loss_weights({"mse+10ssim": 2, "mse": 1}) == {"mse": 3.0, "ssim": 20.0}
     for bad, message in (("l2", "unknown loss 'l2'"), ({}, "at least one"), ({"mse": -1}, "positive")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ConfigurationError, match=message):
             make_loss(bad)
 
 
@@ -141,17 +142,17 @@ def test_vgg_layout_is_torchvisions_and_frozen(vgg_file):
 
 
 def test_perceptual_losses_refuse_without_a_weights_file(tmp_path):
-    with pytest.raises(ValueError, match="no VGG16 weights file given.*vgg16-397923af.pth"):
+    with pytest.raises(ConfigurationError, match="no VGG16 weights file given.*vgg16-397923af.pth"):
         make_loss("pl4")
     missing = tmp_path / "nowhere" / "vgg16.pth"
-    with pytest.raises(FileNotFoundError, match=f"{missing}.*does not exist.*vgg16-397923af.pth"):
+    with pytest.raises(ConfigurationError, match=f"{missing}.*does not exist.*vgg16-397923af.pth"):
         make_loss({"mse": 1, "pl2": 0.1}, vgg_weights=missing)
     renamed = tmp_path / "renamed.pth"
     torch.save({k.replace("features", "body"): v for k, v in VGG16Features().state_dict().items()}, renamed)
-    with pytest.raises(ValueError, match=f"{renamed} is not in torchvision's VGG16 layout.*missing"):
+    with pytest.raises(ConfigurationError, match=f"{renamed} is not in torchvision's VGG16 layout.*missing"):
         make_loss("pl1", vgg_weights=renamed)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=f"{garbage} is not a readable torch state dict"):
+    with pytest.raises(ConfigurationError, match=f"{garbage} is not a readable torch state dict"):
         make_loss("pl1", vgg_weights=garbage)
     assert make_loss("mse", vgg_weights=None)  # the pixel losses need no file

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dicom_node.errors import ConfigurationError
 from dicom_node.restore.networks import build_network, network_names
 from dicom_node.restore.networks.cascade import Cascade
 
@@ -26,7 +27,7 @@ def batch_norm_parameters(features: int) -> int:
 
 def test_registry_names_every_network_of_the_seeds():
     assert network_names() == sorted(TINY)
-    with pytest.raises(ValueError, match="unknown network 'unet'.*hresnet"):
+    with pytest.raises(ConfigurationError, match="unknown network 'unet'.*hresnet"):
         build_network("unet")
 
 

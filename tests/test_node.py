@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,11 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.config import load_config
-from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
+from dicom_node.imaging import read_mammogram
 from dicom_node.joblog import JobLog
-from dicom_node.restore.noise import NoiseModel
-from dicom_node.sim.acquisition import acquire
-from dicom_node.sim.phantom import make_phantom
-from dicomtools import dciodvfy_errors, gdcmconv, dcmtk_convert
-from peers import Orthanc, free_port, require, storescu
+from dicomtools import dciodvfy_errors, gdcmconv, dcmtk_convert, low_dose_mammogram, sim_noise_model
+from peers import Orthanc, free_port, storescu, wait_for_port, wait_until
 
-SIM = NoiseModel(0.1, 3.0, 50.0)
 NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
 
 
@@ -37,6 +32,7 @@ def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float
                  selftest_port: int = 11113, forward_original: bool = False, pipeline: str = "gat-bm3d",
                  workers: int = 1) -> Path:
     path = folder / "node.toml"
+    sim = sim_noise_model()  # the detector the inputs come from
     path.write_text(f"""
 [node]
 ae_title = "DOSENODE"
@@ -64,9 +60,9 @@ destinations = ["pacs"]
 forward_original = {str(forward_original).lower()}
 
 [detectors.SIM-0001]
-gain = 0.1
-electronic_noise = 3.0
-offset = 50.0
+gain = {sim.gain}
+electronic_noise = {sim.electronic_noise}
+offset = {sim.offset}
 
 [worker]
 count = {workers}
@@ -96,15 +92,8 @@ class RunningNode:
         log = open(self.log_path, "a")
         self.process = subprocess.Popen([NODE_BIN, "serve", "--config", str(self.config_path)],
                                         stdout=log, stderr=log, cwd=self.folder)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.2)
-        pytest.fail(f"the node did not start:\n{self.log_path.read_text()[-3000:]}")
+        wait_for_port(self.port, self.process, 60, "the node", details=lambda: f":\n{self.log()[-3000:]}")
+        return self
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -122,15 +111,20 @@ class RunningNode:
         return JobLog(load_config(self.config_path).database_url)
 
     def wait_for_jobs(self, count: int, status: str = "done", timeout: float = 240) -> list:
-        deadline = time.monotonic() + timeout
         jobs = []
-        while time.monotonic() < deadline:
-            jobs = self.joblog().list_jobs(limit=None)
-            if len(jobs) >= count and all(str(j.status) == status for j in jobs):
-                return jobs
-            time.sleep(0.5)
-        states = [(j.id, str(j.status), j.last_error) for j in jobs]
-        pytest.fail(f"jobs did not all reach {status}: {states}\n{self.log()[-4000:]}")
+
+        def all_reached() -> list:
+            jobs[:] = self.joblog().list_jobs(limit=None)
+            return list(jobs) if len(jobs) >= count and all(str(j.status) == status for j in jobs) else []
+
+        return wait_until(all_reached, timeout, interval=0.5, message=lambda: (
+            f"jobs did not all reach {status}: {[(j.id, str(j.status), j.last_error) for j in jobs]}\n"
+            f"{self.log()[-4000:]}"))
+
+    def deliveries(self) -> list:
+        """Every delivery of every job."""
+        joblog = self.joblog()
+        return [d for j in joblog.list_jobs(limit=None) for d in joblog.deliveries(j.id)]
 
     def worker_pids(self) -> list[int]:
         children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
@@ -139,11 +133,8 @@ class RunningNode:
 
 
 def make_input(folder: Path, seed: int, shape=(256, 208)) -> Path:
-    phantom = make_phantom(shape, seed=seed)
-    pixels = acquire(phantom.signal, SIM, 0.5, rng_or_seed=seed)
-    path = folder / f"low-dose-{seed}.dcm"
-    save_dataset(raw_mammogram_dataset(pixels, seed=seed, dose_label="50% dose"), path)
-    return path
+    """A half-dose phantom mammogram from the simulated detector SIM-0001."""
+    return low_dose_mammogram(folder / f"low-dose-{seed}.dcm", seed, shape, dose_fraction=0.5, dose_label="50% dose")
 
 
 @pytest.fixture
@@ -171,7 +162,7 @@ def node_factory(tmp_path):
         node.stop()
 
 
-def test_storescu_to_node_to_orthanc(tmp_path, pacs, node_factory):
+def test_storescu_to_node_to_orthanc(tmp_path, pacs, node_factory, sim_noise):
     node = node_factory(pacs.dicom_port)
     source = make_input(tmp_path, seed=1)
     result = storescu(node.port, source)
@@ -190,11 +181,11 @@ def test_storescu_to_node_to_orthanc(tmp_path, pacs, node_factory):
     assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
     assert derived.ContributingEquipmentSequence[-1].Manufacturer
     assert "gat-bm3d" in derived.DerivationDescription
-    assert derived.ExposureInuAs == source_ds.ExposureInuAs if "ExposureInuAs" in source_ds else True
+    assert "ExposureInuAs" in source_ds and derived.ExposureInuAs == source_ds.ExposureInuAs
     assert dciodvfy_errors(received) == []
     # Full-dose scale: the breast's signal doubled.
-    restored = read_mammogram(received).pixels.astype(float) - SIM.offset
-    low = read_mammogram(source).pixels.astype(float) - SIM.offset
+    restored = read_mammogram(received).pixels.astype(float) - sim_noise.offset
+    low = read_mammogram(source).pixels.astype(float) - sim_noise.offset
     inside = low < 0.5 * np.percentile(low, 99)
     ratio = np.median(restored[inside]) / np.median(low[inside])
     print(f"restored/low-dose signal ratio {ratio:.3f}")
@@ -247,9 +238,10 @@ def test_deep_profile_restores_with_the_shipped_model(tmp_path, pacs, node_facto
 
 def test_a_worker_started_alone_takes_the_jobs(tmp_path, pacs, node_factory):
     node = node_factory(pacs.dicom_port, workers=0)  # serve receives and forwards; restoration runs elsewhere
-    assert storescu(node.port, make_input(tmp_path, seed=7)).returncode == 0
-    time.sleep(2)
-    assert str(node.joblog().list_jobs()[0].status) == "received"  # nobody restores it yet
+    assert storescu(node.port, make_input(tmp_path, seed=7)).returncode == 0  # recorded before the answer
+    time.sleep(2)  # not a wait for an event: the time a worker, were there one, would need to claim the job
+    [queued] = node.joblog().list_jobs()
+    assert str(queued.status) == "received" and queued.claimed_at is None  # nobody restores it yet
     log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen([NODE_BIN, "worker", "--config", str(node.config_path)], stdout=log, stderr=log,
                               cwd=node.folder)
@@ -266,15 +258,13 @@ def test_pacs_down_then_up_everything_is_delivered(tmp_path, node_factory):
     node = node_factory(pacs.dicom_port)
     sources = [make_input(tmp_path, seed=s) for s in (10, 11, 12)]
     assert storescu(node.port, *sources).returncode == 0
+    def all_failed_once() -> list:
+        deliveries = node.deliveries()
+        return deliveries if len(deliveries) == 3 and all(d.attempts >= 1 and d.last_error for d in deliveries) else []
+
     # Wait until the node has tried and failed at least once.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        deliveries = [d for j in node.joblog().list_jobs(limit=None) for d in node.joblog().deliveries(j.id)]
-        if len(deliveries) == 3 and all(d.attempts >= 1 and d.last_error for d in deliveries):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"deliveries never failed while PACS was down:\n{node.log()[-3000:]}")
+    deliveries = wait_until(all_failed_once, 120, interval=0.5,
+                            message=lambda: f"deliveries never failed while PACS was down:\n{node.log()[-3000:]}")
     print("while down:", [d.last_error for d in deliveries])
     pacs.start()
     try:
@@ -286,47 +276,24 @@ def test_pacs_down_then_up_everything_is_delivered(tmp_path, node_factory):
         pacs.stop()
 
 
-def test_stalled_receiver_trips_the_watchdog_and_the_job_retries(tmp_path, node_factory):
-    storescp = require("storescp", "dcmtk")
-    port = free_port()
-    out = tmp_path / "storescp"
-    out.mkdir()
-    stalled = subprocess.Popen([storescp, "--sleep-during", "30", "-aet", "ORTHANC", "-od", str(out), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(0.5)
-        node = node_factory(port, send_timeout_s=3)
-        # A large image, so that the sender blocks in socket.send while the receiver sleeps.
-        assert storescu(node.port, make_input(tmp_path, seed=20, shape=(1536, 1024))).returncode == 0
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            jobs = node.joblog().list_jobs(limit=None)
-            deliveries = node.joblog().deliveries(jobs[0].id) if jobs else []
-            if deliveries and deliveries[0].attempts >= 2:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the send was never retried:\n{node.log()[-3000:]}")
-        print("stalled send:", deliveries[0].last_error, "attempts", deliveries[0].attempts)
-        assert "watchdog" in deliveries[0].last_error or "no answer" in deliveries[0].last_error
-        assert node.process.poll() is None  # the node is still serving
-    finally:
-        stalled.kill()
-        stalled.wait()
+def test_stalled_receiver_trips_the_watchdog_and_the_job_retries(tmp_path, node_factory, storescp):
+    stalled = storescp("--sleep-during", "30", ae_title="ORTHANC")  # stopped by its fixture
+    node = node_factory(stalled.port, send_timeout_s=3)
+    # A large image, so that the sender blocks in socket.send while the receiver sleeps.
+    assert storescu(node.port, make_input(tmp_path, seed=20, shape=(1536, 1024))).returncode == 0
+    [delivery] = wait_until(lambda: [d for d in node.deliveries() if d.attempts >= 2], 240, interval=0.5,
+                            message=lambda: f"the send was never retried:\n{node.log()[-3000:]}")
+    print("stalled send:", delivery.last_error, "attempts", delivery.attempts)
+    assert "watchdog" in delivery.last_error or "no answer" in delivery.last_error
+    assert node.process.poll() is None  # the node is still serving
 
 
 def test_worker_killed_mid_job_completes_after_restart_with_one_copy_in_pacs(tmp_path, pacs, node_factory):
     node = node_factory(pacs.dicom_port, lease_s=4)
     source = make_input(tmp_path, seed=30, shape=(1024, 832))
     assert storescu(node.port, source).returncode == 0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        jobs = node.joblog().list_jobs(limit=None)
-        if jobs and str(jobs[0].status) == "processing":
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the job was never claimed:\n{node.log()[-3000:]}")
+    wait_until(lambda: [j for j in node.joblog().list_jobs(limit=None) if str(j.status) == "processing"], 60,
+               message=lambda: f"the job was never claimed:\n{node.log()[-3000:]}")
     pids = node.worker_pids()
     assert pids, "no worker process found"
     for pid in pids:
@@ -400,7 +367,8 @@ def test_selftest_and_the_commands_for_it(tmp_path, pacs, node_factory):
     assert listed.returncode == 0, listed.stderr
     jobs = json.loads(listed.stdout)
     assert len(jobs) == 1 and jobs[0]["status"] == "done" and jobs[0]["profile"] == "selftest"
-    assert node_command(node, "jobs", "--status", "failed").stdout.strip() == ""
+    failed = node_command(node, "jobs", "--status", "failed")
+    assert failed.returncode == 0 and failed.stdout.strip() == "", failed.stderr
     echo = node_command(node, "echo", "pacs")
     assert echo.returncode == 0 and "ok" in echo.stdout, echo.stderr
     check = node_command(node, "check-config")
@@ -409,7 +377,7 @@ def test_selftest_and_the_commands_for_it(tmp_path, pacs, node_factory):
                            (("echo", "nowhere"), "no destination"), (("jobs", "--status", "lost"), "--status")):
         bad = node_command(node, *args)
         print(bad.stderr.strip())
-        assert bad.returncode != 0 and fragment in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        assert bad.returncode != 0 and fragment in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, args
 
 
 def test_check_config_reports_an_unreachable_destination(tmp_path):
@@ -428,21 +396,15 @@ def test_embedded_defaults_serve_to_the_outbox_folder(tmp_path, monkeypatch):
     folder.mkdir()
     log = open(folder / "node.log", "w")
     process = subprocess.Popen([NODE_BIN, "serve"], stdout=log, stderr=log, cwd=folder)
+    node_log = lambda: f":\n{(folder / 'node.log').read_text()[-3000:]}"  # noqa: E731
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", defaults.node.port)) == 0:
-                    break
-            time.sleep(0.2)
+        wait_for_port(defaults.node.port, process, 60, "dicom-node serve", details=node_log)
         source = make_input(tmp_path, seed=50)
         result = storescu(defaults.node.port, source, calling="ANY_MODALITY")
         assert result.returncode == 0, result.stderr
         outbox = folder / "data" / "outbox"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not list(outbox.glob("*.dcm")):
-            time.sleep(0.5)
-        [written] = list(outbox.glob("*.dcm"))
+        [written] = wait_until(lambda: list(outbox.glob("*.dcm")), 120, interval=0.5,
+                               message=lambda: f"nothing reached {outbox}{node_log()}")
         assert dcmread(written).SourceImageSequence[0].ReferencedSOPInstanceUID == dcmread(source).SOPInstanceUID
         assert dciodvfy_errors(written) == []
     finally:

@@ -27,7 +27,8 @@ from pydicom.uid import (
 )
 
 from dicomtools import dcmtk_convert, gdcmconv, transfer_syntax_of
-from dicom_node.imaging import LOSSLESS_TRANSFER_SYNTAXES, ImagingError, raw_mammogram_dataset, read_mammogram, save_dataset
+from dicom_node.errors import InputRefused
+from dicom_node.imaging import LOSSLESS_TRANSFER_SYNTAXES, raw_mammogram_dataset, read_mammogram, save_dataset
 
 MAX_14_BIT = (1 << 14) - 1
 
@@ -149,7 +150,7 @@ def test_lossy_syntax_is_refused(encoding: str, raw_file: Path, tmp_path: Path) 
     target = gdcmconv(source, tmp_path / "IN.dcm", *options)
     assert transfer_syntax_of(target) == syntax
 
-    with pytest.raises(ImagingError) as refused:
+    with pytest.raises(InputRefused) as refused:
         read_mammogram(target)
     message = str(refused.value)
     print(message)

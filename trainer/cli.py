@@ -1,7 +1,8 @@
 """`python -m trainer train | export | evaluate`: parse, call, print; the work is in the modules.
 
-A user error (bad experiment file, missing checkpoint, unknown model) ends as one line on
-stderr and a non-zero exit; set DICOM_NODE_DEBUG=1 to see the traceback of an unexpected failure.
+A user error (any `NodeError`: a bad experiment file, a missing checkpoint, an unknown model, an
+unusable training image) ends as one line on stderr and a non-zero exit; set DICOM_NODE_DEBUG=1
+to see the traceback of an unexpected failure.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-  # typer vendors click (pinned range)
 
 from dicom_node.console import parse_size, run_app
-from trainer.experiment import ExperimentError
+from dicom_node.errors import ConfigurationError, NodeError
 
 app = typer.Typer(
     name="trainer",
@@ -25,13 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from dicom_node.config import ConfigError
-    from dicom_node.imaging import ImagingError
-
-    return (ExperimentError, ConfigError, ImagingError)
-
 
 @app.command()
 def train(
@@ -85,7 +78,7 @@ def _parse_size(size: str) -> tuple[int, int]:
     try:
         return parse_size(size, minimum=128)
     except ValueError as exc:
-        raise ExperimentError(str(exc)) from None
+        raise ConfigurationError(str(exc)) from None
 
 
 @app.command()
@@ -104,24 +97,24 @@ def evaluate(
 ) -> None:
     """Seed 000's Table 2/3 on repeated phantom acquisitions: the models, MB, FD and LD."""
     from dicom_node.config import load_config
+    from dicom_node.detectors import detector_noise
     from trainer.evaluate import evaluate as run_evaluation
     from trainer.evaluate import markdown_table, write_report
 
     shape = _parse_size(size)
     if realisations < 2 or references < 2:
-        raise ExperimentError("--realisations and --references must be at least 2")
+        raise ConfigurationError("--realisations and --references must be at least 2")
     if not 0 < dose < 1:
-        raise ExperimentError(f"--dose must be in (0, 1), got {dose}")
+        raise ConfigurationError(f"--dose must be in (0, 1), got {dose}")
     node_config = load_config(config)
-    if detector not in node_config.detectors:
-        raise ExperimentError(f"--detector {detector!r} is not in {node_config.path or 'the embedded defaults'}")
     try:
-        rows = run_evaluation(
-            list(models or []), node_config.noise_model(detector), size=shape, seed=seed,
-            dose_fraction=dose, realisations=realisations, references=references,
-        )
-    except (FileNotFoundError, ValueError) as exc:  # an unknown model, or one for another dose
-        raise ExperimentError(str(exc)) from None
+        noise = detector_noise(node_config, detector)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--detector: {exc}") from None
+    rows = run_evaluation(  # an unknown model, or one for another dose, is a ConfigurationError
+        list(models or []), noise, size=shape, seed=seed,
+        dose_fraction=dose, realisations=realisations, references=references,
+    )
     settings = f"phantom {shape[0]}x{shape[1]} seed {seed}, dose {dose:g}, N = {references}, P = {realisations}, detector {detector}"
     paths = write_report(rows, out, settings)
     typer.echo(markdown_table(rows, settings))
@@ -132,4 +125,4 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command, turning user errors into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "trainer", *argv])  # the model card's "reproduce"
-    run_app(app, argv, prog="python -m trainer", user_errors=_user_errors(), obj=command)
+    run_app(app, argv, prog="python -m trainer", user_errors=(NodeError,), obj=command)

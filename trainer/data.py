@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.config import Config, load_config
+from dicom_node.detectors import detector_noise, noise_model_for
+from dicom_node.errors import ConfigurationError, InputRefused
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
 from dicom_node.sim.acquisition import acquire, crosstalk_kernel
 from dicom_node.sim.dose import simulate_dose_reduction
 from dicom_node.sim.phantom import make_phantom
-from trainer.experiment import DataSettings, ExperimentError
+from trainer.experiment import DataSettings
 
 
 @dataclass
@@ -55,24 +57,28 @@ def phantom_images(count: int, first_seed: int, shape: tuple[int, int], noise: N
 
 
 def dicom_images(folder: Path, config: Config) -> list[TrainingImage]:
-    """Every raw MG file under `folder` (sorted), with its detector's noise model from `config`."""
-    from dicom_node.imaging import read_mammogram
+    """Every raw MG file under `folder` (sorted), with its detector's noise model from `config`.
+
+    A file that is not a raw mammogram is refused (`InputRefused`); a detector without an entry
+    in `config` is a `ConfigurationError` naming the entry to add.
+    """
+    from dicom_node.imaging import ImagingError, read_mammogram
 
     paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
     if not paths:
-        raise ExperimentError(f"data.folder {folder}: no files found")
+        raise ConfigurationError(f"data.folder {folder}: no files found")
     images = []
     for path in paths:
-        image = read_mammogram(path)
+        try:
+            image = read_mammogram(path)
+        except ImagingError as exc:  # not a readable mammogram
+            raise InputRefused(str(exc)) from None
         if not image.params.for_processing:
-            raise ExperimentError(f"{path}: not a raw (FOR PROCESSING) mammogram; train on raw data only")
-        entry = config.detector_for(image.params.detector_serial)
-        if entry is None:
-            raise ExperimentError(
-                f"{path}: no detector entry for serial {image.params.detector_serial!r} in "
-                f"{config.path or 'the embedded defaults'} (calibrate it first)"
-            )
-        noise = config.noise_model(entry[0], image.pixels.shape)
+            raise InputRefused(f"{path}: not a raw (FOR PROCESSING) mammogram; train on raw data only")
+        try:
+            noise, _ = noise_model_for(config, image.params.detector_serial, image.pixels.shape)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{path}: {exc}") from None
         full_dose = image.pixels.astype(np.float64)
         images.append(TrainingImage(str(path), full_dose, noise, breast_mask(full_dose, noise)))
     return images
@@ -82,9 +88,11 @@ def load_images(settings: DataSettings) -> list[TrainingImage]:
     config = load_config(settings.node_config) if settings.node_config else load_config()
     if settings.source == "dicom":
         return dicom_images(settings.folder, config)
-    if settings.detector not in config.detectors:
-        raise ExperimentError(f"data.detector: {settings.detector!r} is not a detector of {config.path or 'the embedded defaults'}")
-    return phantom_images(settings.phantoms, settings.first_seed, settings.phantom_size, config.noise_model(settings.detector))
+    try:
+        noise = detector_noise(config, settings.detector)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"data.detector: {exc}") from None
+    return phantom_images(settings.phantoms, settings.first_seed, settings.phantom_size, noise)
 
 
 def split_by_image(
@@ -92,7 +100,7 @@ def split_by_image(
 ) -> tuple[list[TrainingImage], list[TrainingImage]]:
     """(training, validation): whole images held out, chosen by `seed`."""
     if not 0 < validation_images < len(images):
-        raise ExperimentError(f"data.validation_images: need 1 to {len(images) - 1} of {len(images)} images, got {validation_images}")
+        raise ConfigurationError(f"data.validation_images: need 1 to {len(images) - 1} of {len(images)} images, got {validation_images}")
     order = np.random.default_rng([seed, 2]).permutation(len(images))
     held_out = set(order[:validation_images].tolist())
     return (
@@ -116,7 +124,7 @@ def patch_positions(mask: np.ndarray, size: int, count: int, rng: np.random.Gene
 def extract_patches(image: TrainingImage, size: int, count: int, rng: np.random.Generator) -> ImagePatches:
     positions = patch_positions(image.mask, size, count, rng)
     if not len(positions):
-        raise ExperimentError(f"{image.label}: the breast holds no {size}×{size} patch")
+        raise InputRefused(f"{image.label}: the breast holds no {size}×{size} patch")
     rows = positions[:, 0, None, None] + np.arange(size)[None, :, None]
     cols = positions[:, 1, None, None] + np.arange(size)[None, None, :]
     gain = np.asarray(image.noise.gain, dtype=np.float64)

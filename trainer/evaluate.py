@@ -11,33 +11,25 @@ the full-dose scale, (z − τ)/γ, so its figures compare with the others.
 from __future__ import annotations
 
 import csv
+import io
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dicom_node.files import write_atomically
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import Restorer, create_restorer
 from dicom_node.sim.acquisition import acquire
-from dicom_node.sim.evaluation import NoiseBias, calcification_retention, exact_noise_bias, mean_snr, mnse, snr_map
+from dicom_node.sim.evaluation import RECORD_FIELDS, GroupFigures, evaluate_group, figures_record
+from dicom_node.sim.evaluation import markdown_table as figures_table
 from dicom_node.sim.phantom import make_phantom
 
 TABLE_MD = "evaluation.md"
 TABLE_CSV = "evaluation.csv"
 SNR_PNG = "snr_maps.png"
-
-
-@dataclass
-class GroupResult:
-    method: str
-    protocol: NoiseBias  # against the pseudo-GT of the N full-dose realisations (the paper's)
-    exact: NoiseBias  # against the noise-free truth
-    mean_snr: float
-    calcification_retention: float  # of the group's mean image; 1 = contrast fully kept
-    seconds_per_image: float  # restoration time (0 for FD and LD)
-    snr_map: np.ndarray
+REPORT_MODE = 0o644
 
 
 def model_restorer(model: str | Path) -> tuple[str, Restorer]:
@@ -58,8 +50,8 @@ def evaluate(
     dose_fraction: float = 0.5,
     realisations: int = 5,
     references: int = 10,
-) -> list[GroupResult]:
-    """Rows in the paper's order: LD, the models, MB, FD."""
+) -> list[GroupFigures]:
+    """Rows in the paper's order: LD, the models, MB, FD (SNR maps NaN outside the breast)."""
     phantom = make_phantom(size, seed=seed)
     rng = np.random.default_rng([seed, 7])
 
@@ -71,12 +63,8 @@ def evaluate(
     low_dose = acquisitions(realisations, dose_fraction)
     mask = breast_mask(reference.mean(axis=0) + noise.offset, noise) & phantom.mask
 
-    def group(method: str, stack: np.ndarray, seconds: float = 0.0) -> GroupResult:
-        retention = calcification_retention(stack.mean(axis=0), phantom.signal, phantom.calcifications, mask)
-        return GroupResult(
-            method, mnse(stack, reference, mask), exact_noise_bias(stack, phantom.signal, mask),
-            mean_snr(stack, mask), retention, seconds, snr_map(stack),
-        )
+    def group(method: str, stack: np.ndarray, seconds: float = 0.0) -> GroupFigures:
+        return evaluate_group(method, stack, reference, phantom.signal, phantom.calcifications, mask, seconds)
 
     def restored(restorer: Restorer) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
@@ -89,29 +77,11 @@ def evaluate(
         rows.append(group(label, *restored(restorer)))
     rows.append(group("MB (gat-bm3d)", *restored(create_restorer("gat-bm3d"))))
     rows.append(group("FD", full_dose))
-    for row in rows:
-        row.snr_map = np.where(mask, row.snr_map, np.nan)
     return rows
 
 
-CSV_FIELDS = (
-    "method", "mnse_pct", "rn_pct", "b2_pct", "exact_mnse_pct", "exact_rn_pct", "exact_b2_pct",
-    "mean_snr", "calcification_retention", "seconds_per_image",
-)
-
-
-def _record(row: GroupResult) -> dict:
-    p, e = row.protocol, row.exact
-    return {
-        "method": row.method,
-        "mnse_pct": 100 * p.mnse, "rn_pct": 100 * p.rn, "b2_pct": 100 * p.b2,
-        "exact_mnse_pct": 100 * e.mnse, "exact_rn_pct": 100 * e.rn, "exact_b2_pct": 100 * e.b2,
-        "mean_snr": row.mean_snr, "calcification_retention": row.calcification_retention,
-        "seconds_per_image": row.seconds_per_image,
-    }
-
-
-def markdown_table(rows: list[GroupResult], settings: str) -> str:
+def markdown_table(rows: list[GroupFigures], settings: str) -> str:
+    """evaluation.md: a title naming the settings, what the figures mean, and the table."""
     lines = [
         f"# Phantom evaluation ({settings})",
         "",
@@ -119,20 +89,11 @@ def markdown_table(rows: list[GroupResult], settings: str) -> str:
         "full-dose references) and exactly (against the noise-free truth). The goal is RN near FD's",
         "with the smallest B². Calcification retention: contrast kept relative to the truth (1 = all).",
         "",
-        "| Method | MNSE (%) | RN (%) | B² (%) | exact MNSE (%) | exact RN (%) | exact B² (%) | mean SNR | calc. retention | s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        r = _record(row)
-        lines.append(
-            f"| {r['method']} | {r['mnse_pct']:.2f} | {r['rn_pct']:.2f} | {r['b2_pct']:.3f} | "
-            f"{r['exact_mnse_pct']:.2f} | {r['exact_rn_pct']:.2f} | {r['exact_b2_pct']:.3f} | "
-            f"{r['mean_snr']:.1f} | {r['calcification_retention']:.3f} | {r['seconds_per_image']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + figures_table(rows)
 
 
-def write_report(rows: list[GroupResult], out_dir: Path, settings: str) -> list[Path]:
+def write_report(rows: list[GroupFigures], out_dir: Path, settings: str) -> list[Path]:
     """evaluation.md, evaluation.csv and snr_maps.png in `out_dir`."""
     import matplotlib
 
@@ -141,11 +102,8 @@ def write_report(rows: list[GroupResult], out_dir: Path, settings: str) -> list[
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TABLE_MD).write_text(markdown_table(rows, settings))
-    with open(out_dir / TABLE_CSV, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(_record(row) for row in rows)
+    write_atomically(out_dir / TABLE_MD, markdown_table(rows, settings).encode(), mode=REPORT_MODE)
+    write_atomically(out_dir / TABLE_CSV, _csv_text(rows).encode(), mode=REPORT_MODE)
 
     full_dose_snr = np.nanmedian(rows[-1].snr_map)  # like the paper: a range based on the FD SNR
     figure, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.4), constrained_layout=True)
@@ -154,6 +112,16 @@ def write_report(rows: list[GroupResult], out_dir: Path, settings: str) -> list[
         axis.set_title(f"{row.method}\nmean SNR {row.mean_snr:.1f}", fontsize=8)
         axis.axis("off")
     figure.colorbar(image, ax=axes, shrink=0.8, label="SNR")
-    figure.savefig(out_dir / SNR_PNG, dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
     plt.close(figure)
+    write_atomically(out_dir / SNR_PNG, png.getvalue(), mode=REPORT_MODE)
     return [out_dir / TABLE_MD, out_dir / TABLE_CSV, out_dir / SNR_PNG]
+
+
+def _csv_text(rows: list[GroupFigures]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=RECORD_FIELDS)
+    writer.writeheader()
+    writer.writerows(figures_record(row) for row in rows)
+    return text.getvalue()

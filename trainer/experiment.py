@@ -1,6 +1,6 @@
 """One experiment = one TOML file: data, network, loss and optimiser settings, validated by pydantic.
 
-A wrong key or value becomes an `ExperimentError` whose text is one line naming the key, like
+A wrong key or value becomes a `ConfigurationError` whose text is one line naming the key, like
 the node's own configuration. Relative paths in the file are relative to the file's folder.
 """
 
@@ -13,11 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dicom_node.config import describe_validation_error
+from dicom_node.errors import ConfigurationError
 from dicom_node.restore.normalisation import Normalisation
-
-
-class ExperimentError(Exception):
-    """An experiment file problem, worded as one line for a person."""
 
 
 class _Strict(BaseModel):
@@ -110,14 +107,14 @@ def parse_experiment(data: dict, where: str = "experiment") -> Experiment:
     try:
         return Experiment.model_validate(data)
     except ValidationError as exc:
-        raise ExperimentError(f"{where}: {describe_validation_error(exc)}") from None
+        raise ConfigurationError(f"{where}: {describe_validation_error(exc)}") from None
 
 
 def apply_override(data: dict, assignment: str) -> dict:
     """`section.key=value` (value in TOML syntax, else taken as a string) applied to a copy of `data`."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise ExperimentError(f"--set needs KEY=VALUE, got {assignment!r}")
+        raise ConfigurationError(f"--set needs KEY=VALUE, got {assignment!r}")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -128,7 +125,7 @@ def apply_override(data: dict, assignment: str) -> dict:
     for section in sections:
         child = node.get(section, {})
         if not isinstance(child, dict):
-            raise ExperimentError(f"--set {key}: {section} is not a section")
+            raise ConfigurationError(f"--set {key}: {section} is not a section")
         node[section] = child = dict(child)
         node = child
     node[leaf] = value
@@ -141,9 +138,9 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
-        raise ExperimentError(f"cannot read experiment {path}: {exc.strerror or exc}") from None
+        raise ConfigurationError(f"cannot read experiment {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ExperimentError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
     for assignment in overrides:
         data = apply_override(data, assignment)
     return parse_experiment(data, str(path)).resolved(path.resolve().parent)

@@ -7,16 +7,18 @@ before it restores anything with them.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 import dicom_node
-from dicom_node.restore.deep.store import file_sha256
-from trainer.experiment import Experiment, ExperimentError
+from dicom_node.errors import ConfigurationError
+from dicom_node.files import write_atomically
+from dicom_node.restore.deep.card import MODEL_FILE_MODE, ModelCard
+from trainer.experiment import Experiment
 from trainer.train import build_experiment_network, load_checkpoint
 
 
@@ -36,7 +38,7 @@ def code_version() -> str:
 def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: str = "") -> Path:
     """Write out_dir/name.safetensors and out_dir/name.json from a training checkpoint; returns the card's path."""
     if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ExperimentError(f"--name must be a plain file name, got {name!r}")
+        raise ConfigurationError(f"--name must be a plain file name, got {name!r}")
     checkpoint = load_checkpoint(checkpoint_path)
     experiment = Experiment.model_validate(checkpoint["experiment"])
     net = build_experiment_network(experiment)
@@ -44,29 +46,28 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / f"{name}.safetensors"
-    save_file({key: value.contiguous() for key, value in net.state_dict().items()}, weights)
-    weights.chmod(0o644)  # safetensors writes owner-only; a shipped model must be readable by the node's user
+    weights = save({key: value.contiguous() for key, value in net.state_dict().items()})
+    write_atomically(out_dir / f"{name}.safetensors", weights, mode=MODEL_FILE_MODE)
 
     last = checkpoint["history"][-1]
     data, training = experiment.data, experiment.training
-    card = {
-        "name": name,
-        "network": experiment.network.name,
-        "network_options": experiment.network.options,
-        "receptive_field_radius": int(net.receptive_field_radius),
-        "parameters": checkpoint["parameters"],
-        "loss": training.loss,
-        "dose_fraction": data.dose_fraction,
-        "normalisation": data.normalisation.build().to_dict(),
-        "noise_model": checkpoint["noise_model"],
-        "noise_simulation": {
+    card = ModelCard(
+        name=name,
+        network=experiment.network.name,
+        network_options=experiment.network.options,
+        receptive_field_radius=int(net.receptive_field_radius),
+        parameters=checkpoint["parameters"],
+        loss=training.loss,
+        dose_fraction=data.dose_fraction,
+        normalisation=data.normalisation.build().to_dict(),
+        noise_model=checkpoint["noise_model"],
+        noise_simulation={
             "method": "VST-domain dose reduction (dicom_node.sim.dose.simulate_dose_reduction)",
             "noise_correlation": data.noise_correlation,
             "resimulated_every_epoch": data.resimulate,
         },
-        "training_data": checkpoint["training_data"],
-        "training": {
+        training_data=checkpoint["training_data"],
+        training={
             "epochs": checkpoint["epoch"],
             "batch_size": training.batch_size,
             "learning_rate": training.learning_rate,
@@ -76,20 +77,18 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
             "seed": experiment.seed,
             "device": checkpoint["device"],
         },
-        "validation": {
+        validation={
             "psnr": last["val_psnr"],
             "ssim": last["val_ssim"],
             "loss": last["val_loss"],
             "epoch": last["epoch"],
             "low_dose_input": checkpoint["input_baseline"],
         },
-        "code_version": code_version(),
-        "weights_sha256": file_sha256(weights),
-        "synthetic_only": data.source == "phantom",
-        "notes": experiment.notes,
-        "reproduce": " && ".join(c for c in (checkpoint["command"], command) if c),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    card_path = out_dir / f"{name}.json"
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
-    return card_path
+        code_version=code_version(),
+        weights_sha256=hashlib.sha256(weights).hexdigest(),  # what file_sha256 of the written file gives
+        synthetic_only=data.source == "phantom",
+        notes=experiment.notes,
+        reproduce=" && ".join(c for c in (checkpoint["command"], command) if c),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return card.write(out_dir / f"{name}.json")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dicom_node.errors import ConfigurationError
 from trainer.vgg import VGG16Features, load_vgg16_features
 
 # Index in VGG16's `features` of the ReLU each perceptual loss compares: relu1_2 … relu4_3.
@@ -113,17 +114,23 @@ class WeightedLoss(nn.Module):
 
 
 def loss_weights(spec: str | Mapping[str, float]) -> dict[str, float]:
-    """The spec as base terms and weights, composites expanded: "mse+10ssim" → {mse: 1, ssim: 10}."""
+    """The spec as base terms and weights, composites expanded: "mse+10ssim" → {mse: 1, ssim: 10}.
+
+    An empty spec, an unknown name or a weight that is not a positive number is a `ConfigurationError`.
+    """
     spec = {spec: 1.0} if isinstance(spec, str) else dict(spec)
     if not spec:
-        raise ValueError("a loss needs at least one term")
+        raise ConfigurationError("a loss needs at least one term")
     weights: dict[str, float] = {}
     for name, weight in spec.items():
         if name not in LOSS_NAMES:
-            raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
-        weight = float(weight)
+            raise ConfigurationError(f"unknown loss {name!r}; known: {', '.join(LOSS_NAMES)}")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"loss weight for {name!r} must be a positive number, got {weight!r}") from None
         if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"loss weight for {name!r} must be a positive number, got {weight}")
+            raise ConfigurationError(f"loss weight for {name!r} must be a positive number, got {weight}")
         for term, factor in COMPOSITES.get(name, {name: 1.0}).items():
             weights[term] = weights.get(term, 0.0) + weight * factor
     return weights

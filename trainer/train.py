@@ -2,8 +2,9 @@
 
 Everything a later export needs (the experiment, the data summary, the noise model, the command
 that started the run, the per-epoch validation history) travels inside the checkpoint, so
-`python -m trainer export` needs only the checkpoint file. CUDA runs under fp16 autocast with a
-GradScaler; the CPU runs in float32.
+`python -m trainer export` needs only the checkpoint file. Device and precision follow the node's
+one policy (`dicom_node.restore.device`): CUDA runs under bf16 autocast (fp16 with a GradScaler
+where the GPU lacks bf16); the CPU runs in float32.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import csv
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dicom_node.errors import ConfigurationError
+from dicom_node.restore.device import autocast, needs_grad_scaler, select_device
 from dicom_node.restore.networks import build_network, network_names
 from trainer.data import PatchData
-from trainer.experiment import Experiment, ExperimentError, TrainingSettings
+from trainer.experiment import Experiment, TrainingSettings
 from trainer.losses import make_loss, ssim
 
 CHECKPOINT = "checkpoint.pt"
@@ -39,14 +41,6 @@ class TrainResult:
     history: list[dict]
 
 
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ExperimentError("training.device: cuda was asked for but no CUDA GPU is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def make_deterministic(seed: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.manual_seed(seed)
@@ -58,17 +52,17 @@ def make_deterministic(seed: int) -> None:
 def build_experiment_network(experiment: Experiment) -> torch.nn.Module:
     name = experiment.network.name
     if name not in network_names():
-        raise ExperimentError(f"network.name: unknown network {name!r}; known: {', '.join(network_names())}")
+        raise ConfigurationError(f"network.name: unknown network {name!r}; known: {', '.join(network_names())}")
     try:
         return build_network(name, **experiment.network.options)
-    except TypeError as exc:
-        raise ExperimentError(f"network.options: {exc}") from None
+    except (TypeError, ValueError) as exc:  # an unknown option, or a value the network refuses
+        raise ConfigurationError(f"network.options: {exc}") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights from an exported model (.safetensors) or a training checkpoint (.pt)."""
     if not path.is_file():
-        raise ExperimentError(f"training.init_from: {path} does not exist")
+        raise ConfigurationError(f"training.init_from: {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -84,7 +78,7 @@ def load_initial_weights(net: torch.nn.Module, path: Path, prefix: str = "") -> 
     missing = [k for k in result.missing_keys if k.startswith(prefix)]
     if result.unexpected_keys or missing:
         wrong = (result.unexpected_keys or missing)[0]
-        raise ExperimentError(f"training.init_from: {path} does not fit the network (first mismatch: {wrong})")
+        raise ConfigurationError(f"training.init_from: {path} does not fit the network (first mismatch: {wrong})")
 
 
 def zero_final_convolution(net: torch.nn.Module) -> None:
@@ -118,7 +112,7 @@ def validate(
     peak = float(targets.max())
     totals = {"loss": 0.0, "se": 0.0, "ssim": 0.0}
     net.eval()
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         for start in range(0, len(inputs), EVAL_BATCH):
             x = torch.from_numpy(inputs[start : start + EVAL_BATCH]).to(device)
             y = torch.from_numpy(targets[start : start + EVAL_BATCH]).to(device)
@@ -143,10 +137,6 @@ def input_baseline(pairs: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
     return {"psnr": psnr(mse, float(targets.max())), "ssim": float(ssim(inputs, targets))}
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
-
-
 def train(
     experiment: Experiment,
     out_dir: Path,
@@ -162,16 +152,19 @@ def train(
     checkpoint_path = out_dir / CHECKPOINT
     previous = _resume_state(checkpoint_path, experiment) if resume else None
     if not resume and checkpoint_path.exists():
-        raise ExperimentError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
+        raise ConfigurationError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another --out")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     make_deterministic(experiment.seed)
-    device = select_device(settings.device)
+    try:
+        device = select_device(settings.device)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"training.device: {exc}") from None
 
     try:
         loss_fn = make_loss(settings.loss, vgg_weights=settings.vgg_weights, device=device)
-    except (ValueError, FileNotFoundError) as exc:  # an unknown loss, or no VGG16 weights for a perceptual one
-        raise ExperimentError(f"training.loss: {exc}") from None
+    except ConfigurationError as exc:  # an unknown loss, or no VGG16 weights for a perceptual one: name the key
+        raise ConfigurationError(f"training.loss: {exc}") from None
     data = data or PatchData(experiment.data, experiment.seed)
     net = build_experiment_network(experiment).to(device)
     if previous is None and settings.identity_start:
@@ -182,16 +175,17 @@ def train(
         parameter.requires_grad_(not frozen(name, settings.freeze))
     trainable = [p for p in net.parameters() if p.requires_grad]
     if not trainable:
-        raise ExperimentError("training.freeze: every parameter is frozen")
+        raise ConfigurationError("training.freeze: every parameter is frozen")
     optimiser = torch.optim.Adam(trainable, lr=settings.learning_rate, betas=settings.betas)
     schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=settings.lr_halving_epochs, gamma=0.5)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device))
 
     if previous is not None:
         net.load_state_dict(previous["model"])
         optimiser.load_state_dict(previous["optimizer"])
         schedule.load_state_dict(previous["scheduler"])
-        scaler.load_state_dict(previous["scaler"])
+        if scaler.is_enabled() and previous["scaler"]:  # empty when saved without a scaler (CPU, bf16)
+            scaler.load_state_dict(previous["scaler"])
         history, first_epoch = previous["history"], previous["epoch"] + 1
     else:
         started = time.perf_counter()
@@ -223,7 +217,7 @@ def train(
             x = torch.from_numpy(inputs[chosen]).to(device)
             y = torch.from_numpy(targets[chosen]).to(device)
             optimiser.zero_grad(set_to_none=True)
-            with _autocast(device):
+            with autocast(device):
                 out = net(x)
             loss = loss_fn(out.float(), y)
             scaler.scale(loss).backward()
@@ -260,11 +254,11 @@ def _row(epoch: int, learning_rate: float, train_loss: float, metrics: dict, sec
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ExperimentError(f"no checkpoint at {path}")
+        raise ConfigurationError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: torch raises several types
-        raise ExperimentError(f"{path} is not a trainer checkpoint: {exc}") from None
+        raise ConfigurationError(f"{path} is not a trainer checkpoint: {exc}") from None
 
 
 def _resume_state(path: Path, experiment: Experiment) -> dict:
@@ -277,7 +271,7 @@ def _resume_state(path: Path, experiment: Experiment) -> dict:
     now["training"].update(free)
     if before != now:
         different = sorted(k for k in now if now[k] != before.get(k))
-        raise ExperimentError(f"{path} was trained with a different experiment ({', '.join(different)} differ)")
+        raise ConfigurationError(f"{path} was trained with a different experiment ({', '.join(different)} differ)")
     return previous
 
 

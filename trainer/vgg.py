@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dicom_node.errors import ConfigurationError
+
 # Output channels per convolution, "M" for a 2×2 max-pool (torchvision's configuration "D").
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -44,18 +46,21 @@ class VGG16Features(nn.Module):
 
 
 def load_vgg16_features(path: Path | str | None) -> VGG16Features:
-    """Frozen VGG16 features (eval mode, no gradients for its weights) from a local weights file."""
+    """Frozen VGG16 features (eval mode, no gradients for its weights) from a local weights file.
+
+    No file, a missing one or one of another layout is a `ConfigurationError` saying where to get it.
+    """
     if path is None:
-        raise ValueError(f"no VGG16 weights file given. {WHERE_TO_GET_WEIGHTS}")
+        raise ConfigurationError(f"no VGG16 weights file given. {WHERE_TO_GET_WEIGHTS}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"VGG16 weights file {path} does not exist. {WHERE_TO_GET_WEIGHTS}")
+        raise ConfigurationError(f"VGG16 weights file {path} does not exist. {WHERE_TO_GET_WEIGHTS}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path} is not a readable torch state dict ({error}). {WHERE_TO_GET_WEIGHTS}") from error
+        raise ConfigurationError(f"{path} is not a readable torch state dict ({error}). {WHERE_TO_GET_WEIGHTS}") from error
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict. {WHERE_TO_GET_WEIGHTS}")
+        raise ConfigurationError(f"{path} holds a {type(state).__name__}, not a state dict. {WHERE_TO_GET_WEIGHTS}")
     with torch.device("meta"):  # no time spent initialising weights that are replaced at once
         network = VGG16Features()
     features = {key: value for key, value in state.items() if key.startswith("features.")}
@@ -64,7 +69,7 @@ def load_vgg16_features(path: Path | str | None) -> VGG16Features:
     unexpected = sorted(set(features) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(features) if features[k].shape != expected[k].shape)
     if missing or unexpected or wrong_shape:
-        raise ValueError(
+        raise ConfigurationError(
             f"{path} is not in torchvision's VGG16 layout (missing {missing[:4]}, unexpected "
             f"{unexpected[:4]}, wrong shape {wrong_shape[:4]}). {WHERE_TO_GET_WEIGHTS}"
         )

@@ -7,7 +7,6 @@ decided here, next to the knowledge of what went wrong.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 import time
@@ -20,6 +19,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicom_node import config
+from dicom_node.config import Config
+from dicom_node.errors import ConfigurationError
+from dicom_node.files import write_atomically
 from dicom_node.forward import scu
 from dicom_node.forward.scu import SendResult
 
@@ -96,7 +98,7 @@ class FolderDestination:
         return f"{self.name} (folder {self.folder})"
 
     def _deliver(self, source: Path) -> SendResult:
-        """Temp file in the same folder, fsync, rename: a reader sees nothing or the whole file."""
+        """Copied with `write_atomically`: a reader sees nothing or the whole file."""
         try:
             uid = UID(dcmread(source, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
         except (OSError, InvalidDicomError, AttributeError) as exc:
@@ -104,26 +106,12 @@ class FolderDestination:
         if not uid.is_valid:  # it becomes the file name: digits and dots only
             return SendResult(False, False, None, f"{self.folder}: {source} has an invalid SOP Instance UID", 0.0)
         target = self.folder / f"{uid}.dcm"
-        temp_name = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            handle, temp_name = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.", suffix=".tmp")
-            with os.fdopen(handle, "wb") as temp, open(source, "rb") as original:
-                shutil.copyfileobj(original, temp)
-                temp.flush()
-                os.fsync(temp.fileno())
-            os.replace(temp_name, target)
-            temp_name = None
-            directory = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(directory)  # the rename itself survives a power cut
-            finally:
-                os.close(directory)
+            with open(source, "rb") as original:
+                write_atomically(target, lambda copy: shutil.copyfileobj(original, copy))
         except OSError as exc:
             return self._failure(exc)
-        finally:
-            if temp_name is not None:
-                Path(temp_name).unlink(missing_ok=True)
         return SendResult(True, False, None, f"{self.folder}: wrote {target.name}", 0.0)
 
     def _failure(self, exc: OSError) -> SendResult:
@@ -144,3 +132,12 @@ def make_destination(cfg: config.Destination, calling_ae: str, *, base_dir: Path
         return FolderDestination(cfg.name, folder)
     return NetworkDestination(cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s)
 
+
+
+def destination_named(config: Config, name: str) -> Destination:
+    """The configured destination called `name`; ConfigurationError listing the known ones otherwise."""
+    for entry in config.destinations:
+        if entry.name == name:
+            return make_destination(entry, config.node.ae_title, base_dir=config.base_dir)
+    known = ", ".join(d.name for d in config.destinations) or "none"
+    raise ConfigurationError(f"no destination named {name!r} (configured: {known})")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dicom_node.config import Config
 from dicom_node.forward.destinations import Destination, SendResult, make_destination
+from dicom_node.forward.retry import next_attempt_at
 from dicom_node.joblog import JobLog
 
 log = logging.getLogger("dicom_node.forward")
@@ -56,7 +57,7 @@ class Dispatcher:
             return result
         retry_at = None
         if result.transient:
-            retry_at = self.config.retry.retry_at(delivery.attempts, job.received_at, datetime.now(timezone.utc))
+            retry_at = next_attempt_at(self.config.retry, delivery.attempts, job.received_at, datetime.now(timezone.utc))
         self.joblog.delivery_failed(delivery.id, error=result.message, status=result.status, retry_at=retry_at)
         if retry_at is None:
             log.error("job %s: %s to %s failed for good: %s", job.id, delivery.kind, delivery.destination, result.message)

@@ -1,7 +1,6 @@
 """DICOM ↔ arrays: the only place that decodes DICOM pixels and builds derived instances."""
 
 from dicom_node.imaging.derive import build_derived, dataset_bytes, derived_uid, save_dataset
-from dicom_node.imaging.errors import ImagingError
 from dicom_node.imaging.read import (
     LOSSLESS_TRANSFER_SYNTAXES,
     MG_FOR_PRESENTATION,
@@ -18,7 +17,6 @@ __all__ = [
     "MG_FOR_PRESENTATION",
     "MG_FOR_PROCESSING",
     "AcquisitionParams",
-    "ImagingError",
     "MammoImage",
     "acquisition_params",
     "build_derived",

@@ -8,10 +8,8 @@ receives the same object again instead of a duplicate.
 import copy
 import hashlib
 import os
-import tempfile
 from datetime import datetime
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -20,6 +18,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import __version__
+from dicom_node.files import write_atomically
 from dicom_node.imaging.read import MG_FOR_PROCESSING
 
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
@@ -134,23 +133,7 @@ def build_derived(
 
 def save_dataset(ds: Dataset, path: str | os.PathLike) -> None:
     """Write ``ds`` as a DICOM file atomically: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    data = dataset_bytes(ds)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomically(path, lambda stream: pydicom.dcmwrite(stream, ds, enforce_file_format=True))
 
 
 def dataset_bytes(ds: Dataset) -> bytes:

@@ -29,7 +29,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node.imaging.errors import ImagingError
+from dicom_node.errors import InputRefused
 
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -86,7 +86,7 @@ class MammoImage:
 
 
 def read_mammogram(source: Source, *, label: str | None = None) -> MammoImage:
-    """Read one single-frame 16-bit MG image, refusing anything else with an ``ImagingError``.
+    """Read one single-frame 16-bit MG image, refusing anything else with an ``InputRefused``.
 
     ``label`` names the input in error messages (default: the file name, "<bytes>" or "<dataset>").
     """
@@ -94,9 +94,9 @@ def read_mammogram(source: Source, *, label: str | None = None) -> MammoImage:
     ds = _parse(source, label)
     sop_class = UID(str(ds.SOPClassUID))
     if sop_class not in (MG_FOR_PROCESSING, MG_FOR_PRESENTATION):
-        raise ImagingError(f"{label} is not a mammogram: SOP Class is {sop_class.name} ({sop_class})")
+        raise InputRefused(f"{label} is not a mammogram: SOP Class is {sop_class.name} ({sop_class})")
     if "PixelData" not in ds:
-        raise ImagingError(f"{label} has no pixel data")
+        raise InputRefused(f"{label} has no pixel data")
     syntax = _transfer_syntax(ds, label)
     _check_pixel_description(ds, sop_class, label)
     pixels = _decode(ds, label)
@@ -143,43 +143,43 @@ def _parse(source: Source, label: str) -> Dataset:
                 warnings.simplefilter("always")
                 ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
         except InvalidDicomError as error:
-            raise ImagingError(f"{label} is not a readable DICOM file: it has no DICOM file header "
+            raise InputRefused(f"{label} is not a readable DICOM file: it has no DICOM file header "
                                "(the 'DICM' prefix is missing)") from error
         except Exception as error:  # pydicom raises many kinds on damaged input
-            raise ImagingError(f"{label} is not a readable DICOM file: {error or type(error).__name__}") from error
+            raise InputRefused(f"{label} is not a readable DICOM file: {error or type(error).__name__}") from error
         if any("end of file" in str(warning.message).lower() for warning in caught):
-            raise ImagingError(f"{label} is not a readable DICOM file: it is truncated")
+            raise InputRefused(f"{label} is not a readable DICOM file: it is truncated")
     if "SOPClassUID" not in ds:
-        raise ImagingError(f"{label} is not a readable DICOM file: it has no SOP Class UID (truncated or incomplete)")
+        raise InputRefused(f"{label} is not a readable DICOM file: it has no SOP Class UID (truncated or incomplete)")
     return ds
 
 
 def _transfer_syntax(ds: Dataset, label: str) -> UID:
     syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     if syntax is None:
-        raise ImagingError(f"{label} has no Transfer Syntax UID in its file meta information")
+        raise InputRefused(f"{label} has no Transfer Syntax UID in its file meta information")
     syntax = UID(syntax)
     if syntax not in LOSSLESS_TRANSFER_SYNTAXES:
         reason = "which is lossy; this node does not accept it" if syntax in _LOSSY_TRANSFER_SYNTAXES \
             else "which this node does not accept"
-        raise ImagingError(f"{label} uses transfer syntax {syntax.name} ({syntax}), {reason}")
+        raise InputRefused(f"{label} uses transfer syntax {syntax.name} ({syntax}), {reason}")
     return syntax
 
 
 def _check_pixel_description(ds: Dataset, sop_class: UID, label: str) -> None:
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames != 1:
-        raise ImagingError(f"{label} is multi-frame ({frames} frames); this node takes single-frame images")
+        raise InputRefused(f"{label} is multi-frame ({frames} frames); this node takes single-frame images")
     if ds.get("BitsAllocated") != 16:
-        raise ImagingError(f"{label} has {ds.get('BitsAllocated')} bits allocated; this node takes 16")
+        raise InputRefused(f"{label} has {ds.get('BitsAllocated')} bits allocated; this node takes 16")
     if not 1 <= (ds.get("BitsStored") or 0) <= 16:
-        raise ImagingError(f"{label} has Bits Stored {ds.get('BitsStored')}; expected 1 to 16")
+        raise InputRefused(f"{label} has Bits Stored {ds.get('BitsStored')}; expected 1 to 16")
     if ds.get("SamplesPerPixel", 1) != 1 or ds.get("PixelRepresentation", 0) != 0:
-        raise ImagingError(f"{label} is not single-sample unsigned grayscale")
+        raise InputRefused(f"{label} is not single-sample unsigned grayscale")
     photometric = ds.get("PhotometricInterpretation")
     allowed = ("MONOCHROME2",) if sop_class == MG_FOR_PROCESSING else ("MONOCHROME1", "MONOCHROME2")
     if photometric not in allowed:
-        raise ImagingError(f"{label} has Photometric Interpretation {photometric}; "
+        raise InputRefused(f"{label} has Photometric Interpretation {photometric}; "
                            f"expected {' or '.join(allowed)} for {sop_class.name}")
 
 
@@ -187,10 +187,10 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception as error:  # decoders raise many kinds on damaged streams
-        raise ImagingError(f"{label} has pixel data that cannot be decoded: {error or type(error).__name__}") \
+        raise InputRefused(f"{label} has pixel data that cannot be decoded: {error or type(error).__name__}") \
             from error
     if pixels.shape != (ds.Rows, ds.Columns):
-        raise ImagingError(f"{label} decodes to shape {pixels.shape}, not Rows×Columns ({ds.Rows}, {ds.Columns})")
+        raise InputRefused(f"{label} decodes to shape {pixels.shape}, not Rows×Columns ({ds.Rows}, {ds.Columns})")
     return pixels.astype(np.uint16, copy=False)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.errors import InputRefused
+
 from .db import WRITE, make_engine, upgrade
 from .tables import (
     DELIVERY_KINDS,
@@ -65,7 +67,7 @@ class JobLog:
         self, *, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
         sop_class_uid: str, transfer_syntax_uid: str, calling_ae: str, called_ae: str,
         peer_host: str | None, station_name: str | None, detector_serial: str | None,
-        profile: str, pipeline: str, model_name: str | None, input_path: str,
+        profile: str, input_path: str,
         input_sha256: str, input_bytes: int,
     ) -> int:
         """Commit a job for a spooled image; the receiver answers Success only after this."""
@@ -74,7 +76,7 @@ class JobLog:
             series_instance_uid=series_instance_uid, sop_class_uid=sop_class_uid,
             transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae, called_ae=called_ae,
             peer_host=peer_host, station_name=station_name, detector_serial=detector_serial,
-            profile=profile, pipeline=pipeline, model_name=model_name, input_path=input_path,
+            profile=profile, input_path=input_path,
             input_sha256=input_sha256, input_bytes=input_bytes,
             status=JobStatus.received, attempts=0, received_at=utcnow(),
         )
@@ -120,6 +122,24 @@ class JobLog:
             )
             return result.rowcount == 1
 
+    def record_plan(
+        self, job_id: int, worker: str, *, pipeline: str, restorer_options: dict[str, Any], dose_fraction: float,
+    ) -> bool:
+        """Record how a claimed job will be restored (decided from its profile); False if the lease is lost.
+
+        The worker restores with exactly what is recorded here, so the job row says what was done.
+        """
+        with self._transaction() as session:
+            job = self._leased_job(session, job_id, worker)
+            if job is None:
+                return False
+            job.pipeline = pipeline
+            job.restorer_options = dict(restorer_options)
+            job.dose_fraction = dose_fraction
+            job.model_name = restorer_options.get("model") or None
+            job.model_digest = None
+            return True
+
     def record_stage(self, job_id: int, stage: str, duration_s: float) -> None:
         """Stamp the end of one processing stage ('decoded', 'restored' or 'derived') and its duration."""
         if stage not in STAGES:
@@ -153,8 +173,7 @@ class JobLog:
             job.timings = {**(job.timings or {}), **timings}
             job.device = device
             job.model_digest = model_digest
-            if model_name:  # the model a restorer resolved when the profile named none
-                job.model_name = model_name
+            job.model_name = model_name  # the model a restorer used (resolved when the profile named none)
             job.lease_owner = job.lease_expires_at = None
             job.status = JobStatus.forwarding
             session.add_all(
@@ -264,7 +283,7 @@ class JobLog:
 
         Without a derived image it is processed again; with one, only its failed or cancelled
         deliveries are sent again (attempts reset, so the backoff starts from the beginning).
-        Raises ValueError for an unknown job or one that is processing or done.
+        Raises InputRefused for an unknown job or one that is processing or done.
         """
         now = utcnow()
         with self._transaction() as session:
@@ -272,7 +291,7 @@ class JobLog:
             if job.status in (JobStatus.received, JobStatus.forwarding):
                 return False
             if job.status not in (JobStatus.failed, JobStatus.cancelled):
-                raise ValueError(
+                raise InputRefused(
                     f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
             if job.derived_path is None:
                 job.status = JobStatus.received
@@ -292,14 +311,14 @@ class JobLog:
         """Stop a job and its pending deliveries; False if it was cancelled already.
 
         A worker holding it loses the lease (its heartbeat returns False); a send in flight
-        finishes but is not retried. Raises ValueError for an unknown job or one that is done.
+        finishes but is not retried. Raises InputRefused for an unknown job or one that is done.
         """
         with self._transaction() as session:
             job = self._job(session, job_id)
             if job.status == JobStatus.cancelled:
                 return False
             if job.status == JobStatus.done:
-                raise ValueError(f"job {job_id} is done; there is nothing to cancel")
+                raise InputRefused(f"job {job_id} is done; there is nothing to cancel")
             job.status = JobStatus.cancelled
             job.lease_owner = job.lease_expires_at = None
             session.execute(
@@ -345,7 +364,7 @@ class JobLog:
     def _job(session: Session, job_id: int) -> Job:
         job = session.get(Job, job_id)
         if job is None:
-            raise ValueError(f"no job {job_id}")
+            raise InputRefused(f"no job {job_id}")
         return job
 
     @staticmethod

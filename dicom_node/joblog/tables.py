@@ -88,7 +88,10 @@ class Job(Base):
     station_name: Mapped[str | None] = mapped_column(String(255))
     detector_serial: Mapped[str | None] = mapped_column(String(255))
     profile: Mapped[str] = mapped_column(String(255))
-    pipeline: Mapped[str] = mapped_column(String(64))
+    # The restoration plan, decided from the profile when a worker claims the job (revision 0002).
+    pipeline: Mapped[str | None] = mapped_column(String(64))
+    restorer_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    dose_fraction: Mapped[float | None]
     model_name: Mapped[str | None] = mapped_column(String(255))
     model_digest: Mapped[str | None] = mapped_column(String(128))
     input_path: Mapped[str] = mapped_column(Text)
@@ -151,7 +154,9 @@ class JobSnapshot:
     station_name: str | None
     detector_serial: str | None
     profile: str
-    pipeline: str
+    pipeline: str | None
+    restorer_options: dict[str, Any] | None
+    dose_fraction: float | None
     model_name: str | None
     model_digest: str | None
     input_path: str

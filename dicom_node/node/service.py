@@ -19,6 +19,7 @@ from dicom_node.forward.dispatch import Dispatcher
 from dicom_node.joblog import JobLog
 from dicom_node.receive import StorageSCP
 from dicom_node.node.schedule import build_scheduler
+from dicom_node.tools.selftest import with_selftest
 
 log = logging.getLogger("dicom_node.node.service")
 
@@ -40,7 +41,7 @@ def _worker_process(config: Config) -> None:
 
 class Node:
     def __init__(self, config: Config, port: int | None = None):
-        self.config = config = config.with_selftest()
+        self.config = config = with_selftest(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.joblog = JobLog(config.database_url)
         self.receiver = StorageSCP(config, self.joblog, port=port)

@@ -1,9 +1,14 @@
-"""The claim → decode → restore → derive loop, in a process of its own.
+"""The claim → plan → decode → restore → derive loop, in a process of its own.
 
 A worker owns a job only while its lease is fresh: a heartbeat thread renews it during the long
 restoration, and a worker that dies simply stops renewing, so another one reclaims the job.
 Processing twice is harmless: the derived UIDs are deterministic, so PACS receives the same
 object again, never a duplicate.
+
+How a failure changes the job is decided in one place, `outcome_of`, from the error's class
+(`dicom_node.errors`): refused input and wrong configuration fail the job at once, an
+unavailable resource is retried on the retry policy, and anything else — an internal error — is
+logged with its traceback and retried up to `[worker] max_attempts`, then failed as such.
 """
 
 from __future__ import annotations
@@ -13,17 +18,41 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dicom_node.config import Config, ConfigError
-from dicom_node.imaging import ImagingError, read_mammogram, save_dataset
-from dicom_node.joblog import JobLog
-from dicom_node.pipeline.processing import ProcessingError, restore_mammogram, restorer_options
+from dicom_node.config import Config
+from dicom_node.errors import ConfigurationError, InputRefused, Unavailable
+from dicom_node.forward.retry import next_attempt_at
+from dicom_node.imaging import read_mammogram, save_dataset
+from dicom_node.joblog import JobLog, JobSnapshot
+from dicom_node.pipeline.processing import Plan, restore_mammogram
 
 log = logging.getLogger("dicom_node.pipeline.worker")
 
 IDLE_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a failed attempt does to its job: the error recorded, and when to try again (None: never)."""
+
+    error: str
+    retry_at: datetime | None
+    traceback: bool  # an internal error: the log gets the traceback
+
+
+def outcome_of(exc: Exception, job: JobSnapshot, config: Config, now: datetime) -> Outcome:
+    """The one place where a failure's class becomes the job's next state."""
+    if isinstance(exc, (InputRefused, ConfigurationError)):  # the same image fails the same way
+        return Outcome(str(exc), None, traceback=False)
+    if isinstance(exc, Unavailable):
+        return Outcome(str(exc), next_attempt_at(config.retry, job.attempts, job.received_at, now), traceback=False)
+    error = f"internal error: {type(exc).__name__}: {exc}"
+    if job.attempts >= config.worker.max_attempts:
+        return Outcome(f"{error} (gave up after {job.attempts} attempts)", None, traceback=True)
+    return Outcome(error, next_attempt_at(config.retry, job.attempts, job.received_at, now), traceback=True)
 
 
 def worker_name() -> str:
@@ -80,36 +109,27 @@ class Worker:
         with _Heartbeat(self.joblog, job.id, self.name, settings.lease_s, settings.heartbeat_s) as beat:
             try:
                 self._process(job)
-            except (ImagingError, ProcessingError, ConfigError) as exc:
-                # The image or the setup is wrong: trying again would fail the same way.
-                log.error("job %s: failed: %s", job.id, exc)
-                self.joblog.job_failed(job.id, self.name, str(exc), retry_at=None)
-            except Exception as exc:  # noqa: BLE001 - anything else may be transient (disk, memory)
-                log.exception("job %s: error", job.id)
-                now = datetime.now(timezone.utc)
-                retry_at = self.config.retry.retry_at(job.attempts, job.received_at, now)
-                self.joblog.job_failed(job.id, self.name, f"{type(exc).__name__}: {exc}", retry_at=retry_at)
+            except Exception as exc:  # noqa: BLE001 - every failure ends in a job state, see outcome_of
+                outcome = outcome_of(exc, job, self.config, datetime.now(timezone.utc))
+                when = "failed" if outcome.retry_at is None else f"retry at {outcome.retry_at.isoformat(timespec='seconds')}"
+                log.error("job %s: %s: %s", job.id, when, outcome.error, exc_info=outcome.traceback)
+                self.joblog.job_failed(job.id, self.name, outcome.error, retry_at=outcome.retry_at)
         if beat.lost:
             log.warning("job %s: lease was lost while processing; another worker may have redone it", job.id)
         return True
 
-    def _process(self, job) -> None:
+    def _process(self, job: JobSnapshot) -> None:
         profile = self.config.profiles.get(job.profile)
         if profile is None:
-            raise ProcessingError(f"profile {job.profile!r} is not in the configuration")
+            raise ConfigurationError(f"profile {job.profile!r} is not in the configuration")
+        plan = Plan.of_profile(job.profile, profile)  # decided now, recorded, then used as recorded
+        self.joblog.record_plan(job.id, self.name, pipeline=plan.pipeline, restorer_options=dict(plan.options),
+                                dose_fraction=plan.dose_fraction)
         started = time.perf_counter()
         image = read_mammogram(Path(job.input_path))
         self.joblog.record_stage(job.id, "decoded", time.perf_counter() - started)
 
-        processed = restore_mammogram(
-            image,
-            self.config,
-            pipeline=profile.pipeline,
-            dose_fraction=profile.dose_fraction,
-            profile=job.profile,
-            model_name=profile.model or None,
-            options=restorer_options(self.config, profile.pipeline, model=profile.model, blend=profile.blend),
-        )
+        processed = restore_mammogram(image, self.config, plan)
         self.joblog.record_stage(job.id, "restored", processed.timings.get("total", 0.0))
 
         started = time.perf_counter()
@@ -129,9 +149,9 @@ class Worker:
             derived_sop_instance_uid=derived_uid,
             qc=processed.qc,
             timings=processed.timings,
-            device=processed.device,
-            model_digest=processed.model_digest,
-            model_name=processed.model_name,
+            device=processed.provenance.device,
+            model_digest=processed.provenance.model_digest,
+            model_name=processed.provenance.model_name,
             deliveries=deliveries,
         )
         log.info("job %s: restored → %s (%.1f s)", job.id, derived_uid, processed.timings.get("total", 0.0))

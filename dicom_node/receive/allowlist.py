@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from dicom_node.config import SELFTEST_PROFILE, Config
+from dicom_node.errors import ConfigurationError, NodeError
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ LOCAL_LIMIT_EXCEEDED = Rejection(0x02, 0x03, 0x02, "rejected-transient, local li
 NO_REASON_TRANSIENT = Rejection(0x02, 0x01, 0x01, "rejected-transient, no reason given")
 
 
-class Refused(Exception):
+class Refused(NodeError):
     """An association the node will not accept, with the rejection to send and why (for the log)."""
 
     def __init__(self, rejection: Rejection, why: str):
@@ -59,7 +60,7 @@ class AllowList:
 
     def __init__(self, config: Config):
         if not config.sources and not config.profiles:
-            raise ValueError("no [[sources]] and no [profiles]: received images would have no profile")
+            raise ConfigurationError("no [[sources]] and no [profiles]: received images would have no profile")
         self.sources = config.sources
         self.selftest_ae = config.selftest.calling_ae if SELFTEST_PROFILE in config.profiles else None
         self.default_profile = next(iter(config.profiles)) if not config.sources else None

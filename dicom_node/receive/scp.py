@@ -23,6 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Config
+from dicom_node.errors import InputRefused, NodeError, Unavailable
 from dicom_node.imaging.read import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PRESENTATION, MG_FOR_PROCESSING
 from dicom_node.receive.allowlist import (
     CALLED_AE_NOT_RECOGNISED,
@@ -58,12 +59,28 @@ class JobSink(Protocol):
     def find_by_sop_instance(self, uid: str) -> list[JobRecord]: ...
 
 
-class NotUnderstood(Exception):
+class NotUnderstood(InputRefused):
     """A received dataset the node cannot take: its status code and a comment for the sender."""
 
     def __init__(self, status: int, comment: str):
         super().__init__(comment)
         self.status = status
+
+
+def store_failure_status(exc: BaseException) -> tuple[int, str]:
+    """The C-STORE status and comment for a store that failed with `exc` (the one place that maps them).
+
+    A refused dataset gets its own status (0xC000 family, 0xA900); everything else — disk full,
+    job log locked, a bug — is 0xA700: the image is not safe here, so the modality keeps it and
+    sends it again.
+    """
+    if isinstance(exc, NotUnderstood):
+        return exc.status, str(exc)
+    if isinstance(exc, InputRefused):
+        return CANNOT_UNDERSTAND, str(exc)
+    if isinstance(exc, Unavailable):
+        return OUT_OF_RESOURCES, f"not stored: {exc}"
+    return OUT_OF_RESOURCES, f"not stored: {type(exc).__name__}"
 
 
 @dataclass(frozen=True)
@@ -262,20 +279,20 @@ class StorageSCP:
         data = event.encoded_dataset()
         try:
             header = read_header(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
-        except NotUnderstood as refused:
-            log.warning("C-STORE %s from %s@%s refused 0x%04X: %s", request.AffectedSOPInstanceUID,
-                        calling_ae, host, refused.status, refused)
-            return _status(refused.status, str(refused))
-        try:
             # Admitted at association time; read again because a store does not carry it along.
             profile_name = self.allowlist.admit(calling_ae, host)
             job_id = self._accept(header, data, profile_name, calling_ae=calling_ae,
                                   called_ae=requestor.primitive.called_ae_title.strip(), peer_host=host,
                                   transfer_syntax_uid=str(event.context.transfer_syntax))
         except Exception as exc:
-            log.exception("C-STORE %s from %s@%s failed 0xA700: the image is not safe",
-                          header.sop_instance_uid, calling_ae, host)
-            return _status(OUT_OF_RESOURCES, f"not stored: {type(exc).__name__}")
+            code, comment = store_failure_status(exc)
+            if isinstance(exc, NodeError):  # foreseen: the reason is the message, no traceback
+                log.warning("C-STORE %s from %s@%s refused 0x%04X: %s", request.AffectedSOPInstanceUID,
+                            calling_ae, host, code, exc)
+            else:
+                log.exception("C-STORE %s from %s@%s failed 0x%04X: the image is not safe",
+                              request.AffectedSOPInstanceUID, calling_ae, host, code)
+            return _status(code, comment)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if job_id is None:
             log.info("C-STORE %s from %s@%s: identical duplicate, no new job (%.1f ms)",
@@ -292,7 +309,6 @@ class StorageSCP:
         Raises on any spool or job-log failure, leaving no spooled file behind.
         """
         sha256 = hashlib.sha256(data).hexdigest()
-        profile = self.config.profiles[profile_name]
         with self._uid_locks[hash(header.sop_instance_uid) % len(self._uid_locks)]:
             if self._is_identical_duplicate(header.sop_instance_uid, sha256):
                 return None
@@ -310,8 +326,6 @@ class StorageSCP:
                     station_name=header.station_name,
                     detector_serial=header.detector_serial,
                     profile=profile_name,
-                    pipeline=profile.pipeline,
-                    model_name=profile.model,
                     input_path=str(path),
                     input_sha256=sha256,
                     input_bytes=len(data),

@@ -7,21 +7,14 @@ each received file. A file appears under its final name only complete and on sta
 
 from __future__ import annotations
 
+import itertools
 import logging
-import os
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from dicom_node.files import fsync_directory, write_atomically
+
 log = logging.getLogger("dicom_node.receive")
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make a rename or unlink inside `path` survive a power cut."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 class Spool:
@@ -37,7 +30,7 @@ class Spool:
             path.unlink()
             log.warning("removed %s: an unacknowledged partial write from before a restart", path.name)
         if leftovers:
-            _fsync_directory(self.incoming)
+            fsync_directory(self.incoming)
         return len(leftovers)
 
     def store(self, data: bytes, study_uid: str, sop_instance_uid: str, sha256: str) -> Path:
@@ -47,32 +40,27 @@ class Spool:
         of the same bytes (duplicate policy reprocess-all) gets ``-2``, ``-3``… so that deleting
         one job's input never removes another's. UIDs must already be checked as path-safe.
         """
-        handle, temp_name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
-        temp = Path(temp_name)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            study_dir = self.root / study_uid
-            if not study_dir.is_dir():
-                study_dir.mkdir(exist_ok=True)
-                _fsync_directory(self.root)
-            stem = f"{sop_instance_uid}-{sha256[:12]}"
-            target, copy = study_dir / f"{stem}.dcm", 1
-            while True:
-                try:
-                    os.link(temp, target)
-                    break
-                except FileExistsError:
-                    copy += 1
-                    target = study_dir / f"{stem}-{copy}.dcm"
-            _fsync_directory(study_dir)
-        finally:
-            temp.unlink(missing_ok=True)
-        return target
+        study_dir = self.root / study_uid
+        if not study_dir.is_dir():
+            study_dir.mkdir(exist_ok=True)
+            fsync_directory(self.root)
+        for target in _candidate_names(study_dir, f"{sop_instance_uid}-{sha256[:12]}"):
+            if target.exists():  # skip taken names without writing the data again for each
+                continue
+            try:
+                return write_atomically(target, data, replace=False, temp_dir=self.incoming)
+            except FileExistsError:  # another association claimed it between the check and the link
+                continue
+        raise AssertionError("unreachable: the candidate names never end")
 
     def discard(self, path: Path) -> None:
         """Remove a spooled file whose job could not be recorded (never acknowledged)."""
         path.unlink(missing_ok=True)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
+
+
+def _candidate_names(folder: Path, stem: str) -> Iterator[Path]:
+    """``<stem>.dcm``, then ``<stem>-2.dcm``, ``<stem>-3.dcm``…"""
+    yield folder / f"{stem}.dcm"
+    for copy in itertools.count(2):
+        yield folder / f"{stem}-{copy}.dcm"

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from dicom_node.errors import InputRefused
 from dicom_node.restore.noise import NoiseModel
 
 _DETREND_SIGMA = 4.0  # px; removes gradients (heel effect) while keeping almost all white noise
@@ -53,7 +54,7 @@ def calibrate_flat_fields(
     exposures = np.asarray(exposures, dtype=np.float64)
     distinct, group_of = np.unique(exposures, return_inverse=True)
     if distinct.size < 2:
-        raise ValueError("calibration needs flat fields at 2 or more distinct exposures")
+        raise InputRefused("calibration needs flat fields at 2 or more distinct exposures")
     roi = _central_roi(stack.shape[1:], roi_fraction)
 
     roi_means = stack[:, roi[0], roi[1]].mean(axis=(1, 2))
@@ -66,11 +67,11 @@ def calibrate_flat_fields(
     variances = np.array([np.mean([f[roi].var() for f in fields]) for fields in noise_fields])
 
     if np.any(variances <= 0):
-        raise ValueError("a flat field has no noise at all; are these raw images from the detector?")
+        raise InputRefused("a flat field has no noise at all; are these raw images from the detector?")
     gain, electronic_variance = np.polyfit(means, variances, 1, w=1.0 / variances)
     variance_fit_r2 = _r_squared(variances, gain * means + electronic_variance)
     if gain <= 0:
-        raise ValueError(
+        raise InputRefused(
             f"noise variance does not grow with signal (fitted gain {gain:.3g}); "
             "are these raw (linear) flat fields at different exposures?"
         )
@@ -116,14 +117,14 @@ def estimate_noise_from_image(
     """
     signal = np.asarray(z, dtype=np.float64) - offset
     if signal.ndim != 2:
-        raise ValueError(f"estimate_noise_from_image needs a 2-D image, got shape {signal.shape}")
+        raise InputRefused(f"estimate_noise_from_image needs a 2-D image, got shape {signal.shape}")
     kernel = np.outer([1.0, -2.0, 1.0], [1.0, -2.0, 1.0]) / 6.0
     high_pass = ndimage.convolve(signal, kernel, mode="reflect")
     local_mean = ndimage.uniform_filter(signal, 7, mode="reflect")
     usable = np.ones(signal.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     usable = ndimage.binary_erosion(usable, iterations=3, border_value=0) & (local_mean > 0)
     if usable.sum() < 100 * bins:
-        raise ValueError("too few usable pixels to estimate the noise from this image")
+        raise InputRefused("too few usable pixels to estimate the noise from this image")
 
     means, variances, counts = [], [], []
     edges = np.quantile(local_mean[usable], np.linspace(0, 1, bins + 1))
@@ -148,23 +149,23 @@ def estimate_noise_from_image(
 
 def _validated_stack(images: Sequence[np.ndarray], exposures: Sequence[float]) -> np.ndarray:
     if len(images) != len(exposures):
-        raise ValueError(f"got {len(images)} images but {len(exposures)} exposures")
+        raise InputRefused(f"got {len(images)} images but {len(exposures)} exposures")
     if len(images) == 0:
-        raise ValueError("calibration needs flat-field images")
+        raise InputRefused("calibration needs flat-field images")
     shapes = {np.shape(image) for image in images}
     if len(shapes) != 1:
-        raise ValueError(f"flat fields must all have the same shape, got {sorted(shapes)}")
+        raise InputRefused(f"flat fields must all have the same shape, got {sorted(shapes)}")
     stack = np.asarray(images, dtype=np.float64)
     if stack.ndim != 3:
-        raise ValueError(f"flat fields must be 2-D images, got shape {stack.shape[1:]}")
+        raise InputRefused(f"flat fields must be 2-D images, got shape {stack.shape[1:]}")
     if not np.all(np.isfinite(stack)) or not np.all(np.isfinite(exposures)):
-        raise ValueError("flat fields and exposures must be finite numbers")
+        raise InputRefused("flat fields and exposures must be finite numbers")
     return stack
 
 
 def _central_roi(shape: tuple[int, ...], fraction: float) -> tuple[slice, slice]:
     if not 0 < fraction <= 1:
-        raise ValueError(f"roi_fraction must be in (0, 1], got {fraction}")
+        raise InputRefused(f"roi_fraction must be in (0, 1], got {fraction}")
     return tuple(slice(int(n * (1 - fraction) / 2), int(n * (1 + fraction) / 2)) for n in shape)
 
 

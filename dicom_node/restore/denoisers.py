@@ -11,6 +11,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from dicom_node.errors import ConfigurationError
+
 
 class Denoiser(Protocol):
     name: str
@@ -48,5 +50,5 @@ def get_denoiser(name: str = "bm3d", **options: object) -> Denoiser:
     try:
         backend = _BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown denoiser {name!r}; available: {', '.join(sorted(_BACKENDS))}") from None
+        raise ConfigurationError(f"unknown denoiser {name!r}; available: {', '.join(sorted(_BACKENDS))}") from None
     return backend(**options)

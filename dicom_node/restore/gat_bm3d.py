@@ -6,19 +6,30 @@ like; the blend puts back exactly the noise of a real target-dose image, element
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Literal, get_args
 
 import numpy as np
+from pydantic import Field
 from scipy import ndimage
 
+from dicom_node.errors import ConfigurationError, InputRefused
 from dicom_node.restore.calibration import estimate_noise_from_image
+from dicom_node.restore.common import BreastBox, linear_rescale, mean_ratio, validated_input
 from dicom_node.restore.denoisers import Denoiser, get_denoiser
 from dicom_node.restore.gat import gat_forward, gat_inverse
-from dicom_node.restore.mask import bounding_box, breast_mask
 from dicom_node.restore.noise import NoiseModel
-from dicom_node.restore.registry import Restoration, StageTimer, register_restorer
+from dicom_node.restore.registry import (
+    Environment,
+    Provenance,
+    Restoration,
+    RestorerOptions,
+    StageTimer,
+    register_restorer,
+)
 
-BLEND_MODES = ("plain", "noise-aware")
+Blend = Literal["plain", "noise-aware"]
+BLEND_MODES = get_args(Blend)
 _MIN_MARGIN = 32  # px of context around the breast: BM3D's blocks and search window fit inside
 _LOCAL_WINDOW = 8.0  # px, Gaussian σ of the local averages behind the estimate's noise statistics
 _PROBE_STEP = 0.3  # probe size in units of the GAT-domain noise std: large enough to average over
@@ -97,7 +108,14 @@ def estimate_noise_statistics(
     return variance, covariance
 
 
-@register_restorer("gat-bm3d")
+class GatBm3dOptions(RestorerOptions):
+    """A profile's choices for gat-bm3d (see `GatBm3dRestorer`)."""
+
+    blend: Blend = "plain"
+    margin: int = Field(_MIN_MARGIN, ge=_MIN_MARGIN)
+    denoiser: str = "bm3d"
+
+
 class GatBm3dRestorer:
     """GAT → denoise (σ = 1) on the breast's bounding box → unbiased inverse → blend.
 
@@ -143,9 +161,9 @@ class GatBm3dRestorer:
         blend: str = "plain",
     ) -> None:
         if margin < _MIN_MARGIN:
-            raise ValueError(f"margin must be at least {_MIN_MARGIN} px so BM3D has context around the breast")
+            raise ConfigurationError(f"margin must be at least {_MIN_MARGIN} px so BM3D has context around the breast")
         if blend not in BLEND_MODES:
-            raise ValueError(f"unknown blend {blend!r}; available: {', '.join(BLEND_MODES)}")
+            raise ConfigurationError(f"unknown blend {blend!r}; available: {', '.join(BLEND_MODES)}")
         self.denoiser = get_denoiser(denoiser, **(denoiser_options or {})) if isinstance(denoiser, str) else denoiser
         self.margin = margin
         self.blend_mode = blend
@@ -154,14 +172,13 @@ class GatBm3dRestorer:
         raw = validated_input(raw, noise, dose_fraction)
         timer = StageTimer()
         lap = timer.lap
-        mask = breast_mask(raw, noise)
-        rows, cols = bounding_box(mask, self.margin)
-        image = (raw - noise.offset) / dose_fraction + noise.offset
+        breast = BreastBox.of(raw, noise, self.margin)
+        image = linear_rescale(raw, noise, dose_fraction)
         lap("mask")
 
-        box_noise = noise.crop(rows, cols)
-        box_mask = mask[rows, cols]
-        box = raw[rows, cols]
+        box_noise = breast.crop_noise(noise)
+        box_mask = breast.box_mask
+        box = breast.crop(raw)
         residual_std = estimate_variance = low_dose_weight = np.nan
         if box.size and dose_fraction < 1:
             gat_image = gat_forward(box, box_noise)
@@ -170,57 +187,43 @@ class GatBm3dRestorer:
             lap("denoise")
             estimate = gat_inverse(gat_estimate, box_noise)
             lap("inverse")
-            statistics = (0.0, 0.0)
+            statistics: tuple[np.ndarray | float, np.ndarray | float] = (0.0, 0.0)
             if self.blend_mode == "noise-aware":
                 statistics = estimate_noise_statistics(self.denoiser, gat_image, gat_estimate)
-                estimate_variance = float(np.mean(statistics[0][box_mask]))
+                estimate_variance = float(np.mean(np.asarray(statistics[0])[box_mask]))
                 lap("noise_statistics")
             w_low, w_estimate = blend_weights(estimate, box_noise, dose_fraction, *statistics)
-            image[rows, cols] = _combine(box, estimate, noise.offset, w_low, w_estimate)
+            image[breast.rows, breast.cols] = _combine(box, estimate, noise.offset, w_low, w_estimate)
             lap("blend")
             residual_std = float(np.std((gat_image - gat_estimate)[box_mask]))
             low_dose_weight = float(np.mean(w_low[box_mask]))
 
         qc = {
-            "breast_fraction": float(mask.mean()),
-            "bbox_pixels": float(box.size),
+            **breast.qc(),
             "gat_residual_std": residual_std,
             "estimate_variance": estimate_variance,
             "low_dose_weight": low_dose_weight,
-            **_calibration_check(raw, noise, mask),
-            "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, mask),
+            **_calibration_check(raw, noise, breast.mask),
+            "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, breast.mask),
         }
         lap("qc")
-        return Restoration(image=image, qc=qc, timings=timer.finish())
-
-
-def validated_input(raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:
-    if not (isinstance(dose_fraction, (int, float, np.floating)) and 0 < dose_fraction <= 1):
-        raise ValueError(
-            f"dose_fraction must be in (0, 1] (the low-dose acquisition's share of the target dose), "
-            f"got {dose_fraction!r}"
+        provenance = Provenance(
+            method=self.name, device="cpu",
+            options={"blend": self.blend_mode, "margin": self.margin, "denoiser": self.denoiser.name},
         )
-    raw = np.asarray(raw, dtype=np.float64)
-    if raw.ndim != 2 or raw.size == 0:
-        raise ValueError(f"the raw image must be a non-empty 2-D array, got shape {raw.shape}")
-    if not np.all(np.isfinite(raw)):
-        raise ValueError("the raw image contains NaN or infinite values")
-    if np.ndim(noise.gain) and np.shape(noise.gain) != raw.shape:
-        raise ValueError(f"the gain map has shape {np.shape(noise.gain)} but the image has shape {raw.shape}")
-    return raw
+        return Restoration(image=image, provenance=provenance, qc=qc, timings=timer.finish())
+
+
+@register_restorer("gat-bm3d", GatBm3dOptions)
+def _create(options: GatBm3dOptions, environment: Environment) -> GatBm3dRestorer:
+    """BM3D runs on the CPU whatever the environment's device (a GPU backend is future work)."""
+    return GatBm3dRestorer(denoiser=options.denoiser, margin=options.margin, blend=options.blend)
 
 
 def _calibration_check(raw: np.ndarray, noise: NoiseModel, mask: np.ndarray) -> dict[str, float]:
     configured = float(np.mean(np.broadcast_to(noise.gain, raw.shape)[mask])) if mask.any() else np.nan
     try:
         estimated, _ = estimate_noise_from_image(raw, noise.offset, mask, noise.electronic_noise**2)
-    except ValueError:  # too small a breast for the estimate: the figure is undefined, not an error
+    except InputRefused:  # too small a breast for the estimate: the figure is undefined, not an error
         estimated = np.nan
     return {"estimated_gain": estimated, "gain_ratio": estimated / configured}
-
-
-def mean_ratio(image: np.ndarray, raw: np.ndarray, noise: NoiseModel, dose_fraction: float, mask: np.ndarray) -> float:
-    if not mask.any():
-        return float("nan")
-    linear = np.mean(raw[mask] - noise.offset) / dose_fraction
-    return float(np.mean(image[mask] - noise.offset) / linear) if linear else float("nan")

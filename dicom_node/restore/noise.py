@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dicom_node.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class NoiseModel:
@@ -20,11 +22,11 @@ class NoiseModel:
     def __post_init__(self) -> None:
         gain = np.asarray(self.gain, dtype=np.float64)
         if not np.all(np.isfinite(gain)) or np.any(gain <= 0):
-            raise ValueError("gain (λ) must be positive and finite")
+            raise ConfigurationError("gain (λ) must be positive and finite")
         if not np.isfinite(self.electronic_noise) or self.electronic_noise < 0:
-            raise ValueError("electronic_noise (σ_e) must be a non-negative number")
+            raise ConfigurationError("electronic_noise (σ_e) must be a non-negative number")
         if not np.isfinite(self.offset):
-            raise ValueError("offset (τ) must be finite")
+            raise ConfigurationError("offset (τ) must be finite")
 
     def variance(self, signal: np.ndarray) -> np.ndarray:
         """Expected variance of a raw pixel whose offset-free mean is `signal`."""

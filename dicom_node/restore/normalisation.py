@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from dicom_node.errors import ConfigurationError
 from dicom_node.restore.gat import gat_forward, gat_inverse
 from dicom_node.restore.noise import NoiseModel
 
@@ -27,9 +28,9 @@ class Normalisation:
 
     def __post_init__(self) -> None:
         if self.domain not in ("raw", "anscombe"):
-            raise ValueError(f"unknown normalisation domain {self.domain!r} (raw or anscombe)")
+            raise ConfigurationError(f"unknown normalisation domain {self.domain!r} (raw or anscombe)")
         if not self.scale > 0:
-            raise ValueError("normalisation scale must be positive")
+            raise ConfigurationError("normalisation scale must be positive")
 
     def to_network(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:
         """Network input (float32) for a raw image at `dose_fraction` of the target dose."""

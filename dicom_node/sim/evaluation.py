@@ -6,11 +6,15 @@ an offset left in would shrink them. Stacks are [realisation, row, column]; `mas
 MNSE = RN + B²: residual noise (variance over realisations) plus squared bias, both relative to
 the signal. The goal of restoration is RN at the full-dose level with the smallest B², not the
 lowest MNSE (over-smoothing trades noise for bias).
+
+`evaluate_group` gives all the figures of one group of realisations (`GroupFigures`), and
+`figures_record` / `markdown_table` are the one CSV/JSON record and the one table of them, used
+by `dicom-node demo` and `python -m trainer evaluate` alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -118,3 +122,74 @@ def calcification_retention(
     if reference <= 0:
         raise ValueError("the calcifications are not darker than their surround in the truth")
     return contrast(np.asarray(image, dtype=np.float64)) / reference
+
+
+@dataclass
+class GroupFigures:
+    """All the figures of one group of realisations (one method, or FD / LD): a table row."""
+
+    method: str  # the method or group, e.g. "LD", "DL hresnet-phantom-50", "MB (gat-bm3d)", "FD"
+    protocol: NoiseBias  # against the pseudo-GT of the N full-dose realisations (the paper's)
+    exact: NoiseBias  # against the noise-free truth
+    mean_snr: float  # inside the mask
+    calcification_retention: float  # of the group's mean image; 1 = contrast fully kept
+    seconds_per_image: float = 0.0  # restoration time (0 for FD and LD)
+    snr_map: np.ndarray | None = field(default=None, repr=False, compare=False)  # NaN outside the mask
+
+
+def evaluate_group(
+    name: str,
+    stack: np.ndarray,
+    reference: np.ndarray,
+    truth: np.ndarray,
+    calcifications: np.ndarray,
+    mask: np.ndarray,
+    seconds: float = 0.0,
+) -> GroupFigures:
+    """The figures of `stack` (P realisations, offset-free) against the N full-dose `reference`
+    realisations (the protocol) and the noise-free `truth` (exact), inside `mask`."""
+    stack = np.asarray(stack, dtype=np.float64)
+    snr = snr_map(stack)
+    return GroupFigures(
+        method=name,
+        protocol=mnse(stack, reference, mask),
+        exact=exact_noise_bias(stack, truth, mask),
+        mean_snr=float(np.mean(snr[mask])),
+        calcification_retention=calcification_retention(stack.mean(axis=0), truth, calcifications, mask),
+        seconds_per_image=seconds,
+        snr_map=np.where(mask, snr, np.nan),
+    )
+
+
+RECORD_FIELDS = (
+    "method", "mnse_pct", "rn_pct", "b2_pct", "exact_mnse_pct", "exact_rn_pct", "exact_b2_pct",
+    "mean_snr", "calcification_retention", "seconds_per_image",
+)
+
+
+def figures_record(row: GroupFigures) -> dict[str, str | float]:
+    """One row as a flat record (`RECORD_FIELDS`; MNSE, RN and B² in %), for CSV and JSON."""
+    p, e = row.protocol, row.exact
+    return {
+        "method": row.method,
+        "mnse_pct": 100 * p.mnse, "rn_pct": 100 * p.rn, "b2_pct": 100 * p.b2,
+        "exact_mnse_pct": 100 * e.mnse, "exact_rn_pct": 100 * e.rn, "exact_b2_pct": 100 * e.b2,
+        "mean_snr": row.mean_snr, "calcification_retention": row.calcification_retention,
+        "seconds_per_image": row.seconds_per_image,
+    }
+
+
+def markdown_table(rows: list[GroupFigures]) -> str:
+    """The rows as a Markdown table (percentages of the signal, as in the seed paper)."""
+    lines = [
+        "| Method | MNSE (%) | RN (%) | B² (%) | exact MNSE (%) | exact RN (%) | exact B² (%) | mean SNR | calc. retention | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = figures_record(row)
+        lines.append(
+            f"| {r['method']} | {r['mnse_pct']:.2f} | {r['rn_pct']:.2f} | {r['b2_pct']:.3f} | "
+            f"{r['exact_mnse_pct']:.2f} | {r['exact_rn_pct']:.2f} | {r['exact_b2_pct']:.3f} | "
+            f"{r['mean_snr']:.1f} | {r['calcification_retention']:.3f} | {r['seconds_per_image']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

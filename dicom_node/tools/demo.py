@@ -8,31 +8,25 @@ a modality could have sent; `run_demo` pushes a half-dose phantom study through 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from dicom_node.config import Config
+from dicom_node.files import write_atomically
 from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
-from dicom_node.pipeline.processing import restore_mammogram
+from dicom_node.detectors import detector_noise
+from dicom_node.errors import InputRefused
+from dicom_node.pipeline.processing import Plan, restore_mammogram
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.sim.acquisition import acquire
-from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mean_snr, mnse
-from dicom_node.sim.phantom import Phantom, flat_field, make_phantom
+from dicom_node.sim.evaluation import GroupFigures, evaluate_group, figures_record, markdown_table
+from dicom_node.sim.phantom import flat_field, make_phantom
 
 FULL_DOSE_MAS = 100.0  # tube load of the simulated full-dose exposure; scales with the dose fraction
 FLAT_FIELD_ADU_PER_MAS = 80.0  # open-field signal per mAs of the simulated detector
 SIMULATED_DETECTOR = "SIM-0001"
-
-
-def simulated_noise(config: Config, detector: str = SIMULATED_DETECTOR) -> NoiseModel:
-    """The simulated detector's noise model, taken from the configuration like a real one's."""
-    if detector not in config.detectors:
-        where = config.path or "the embedded defaults"
-        raise ValueError(f"detector {detector!r} is not in {where}: add [detectors.{detector}]")
-    return config.noise_model(detector)
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -54,10 +48,10 @@ def write_phantom_study(
     Returns the manifest (also written as phantom.json): files per dose and the noise model.
     """
     if repeats < 1:
-        raise ValueError("repeats must be at least 1")
+        raise InputRefused("repeats must be at least 1")
     for dose in doses:
         if not 0 < dose <= 1:
-            raise ValueError(f"dose fractions must be in (0, 1], got {dose:g}")
+            raise InputRefused(f"dose fractions must be in (0, 1], got {dose:g}")
     outdir.mkdir(parents=True, exist_ok=True)
     phantom = make_phantom(shape, seed=seed)
     stem = f"seed{seed}"
@@ -121,20 +115,6 @@ def write_flat_fields(
     return paths
 
 
-@dataclass
-class GroupFigures:
-    """One row of the evaluation table (percentages of the signal, as in the seed paper)."""
-
-    group: str
-    rn: float
-    b2: float
-    mnse: float
-    exact_rn: float
-    exact_b2: float
-    snr: float
-    calcification_retention: float
-
-
 def run_demo(
     outdir: Path,
     config: Config,
@@ -151,14 +131,14 @@ def run_demo(
     The low-dose files go through `read_mammogram` and `restore_mammogram`, exactly like
     `dicom-node process`; the restored files are written next to them for viewing.
     """
-    noise = simulated_noise(config)
+    noise = detector_noise(config, SIMULATED_DETECTOR)  # taken from the configuration like a real one's
     phantom = make_phantom(shape, seed=seed)
     (outdir / "input").mkdir(parents=True, exist_ok=True)
     (outdir / "restored").mkdir(parents=True, exist_ok=True)
     np.save(outdir / "truth.npy", phantom.signal)
 
     full = np.stack([acquire(phantom.signal, noise, 1.0, rng_or_seed=_rng(seed, 1, k)) for k in range(10 + realisations)])
-    low, restored = [], []
+    low, restored, seconds = [], [], []
     for k in range(realisations):
         pixels = acquire(phantom.signal, noise, dose_fraction, rng_or_seed=_rng(seed, 2, k))
         ds = raw_mammogram_dataset(
@@ -168,65 +148,47 @@ def run_demo(
         in_path = outdir / "input" / f"low-dose-{k + 1:02d}.dcm"
         save_dataset(ds, in_path)
         processed = restore_mammogram(
-            read_mammogram(in_path), config, pipeline=pipeline, dose_fraction=dose_fraction, profile="demo"
+            read_mammogram(in_path), config, Plan(pipeline, dose_fraction, "demo")
         )
         out_path = outdir / "restored" / f"restored-{k + 1:02d}.dcm"
         save_dataset(processed.dataset, out_path)
         restore_s = processed.timings.get("total", 0.0)
         say(f"restored {in_path.name} → {out_path.name} in {restore_s:.1f} s")
+        seconds.append(restore_s)
         low.append(pixels)
         restored.append(read_mammogram(out_path).pixels)
 
     offset = noise.offset
-    groups = {
-        "FD (full dose)": full[10:].astype(np.float64) - offset,
-        f"LD ({dose_fraction * 100:g}% dose, rescaled)": (np.stack(low).astype(np.float64) - offset) / dose_fraction,
-        f"restored ({pipeline})": np.stack(restored).astype(np.float64) - offset,
-    }
+    groups = [  # (name, offset-free stack, restoration seconds per image)
+        ("FD (full dose)", full[10:].astype(np.float64) - offset, 0.0),
+        (f"LD ({dose_fraction * 100:g}% dose, rescaled)", (np.stack(low).astype(np.float64) - offset) / dose_fraction, 0.0),
+        (f"restored ({pipeline})", np.stack(restored).astype(np.float64) - offset, float(np.mean(seconds))),
+    ]
     reference = full[:10].astype(np.float64) - offset
-    rows = [_figures(name, stack, reference, phantom) for name, stack in groups.items()]
+    rows = [
+        evaluate_group(name, stack, reference, phantom.signal, phantom.calcifications, phantom.mask, seconds_per_image)
+        for name, stack, seconds_per_image in groups
+    ]
     _write_report(outdir, rows, dose_fraction, realisations)
     return rows
 
 
-def _figures(name: str, stack: np.ndarray, reference: np.ndarray, phantom: Phantom) -> GroupFigures:
-    protocol = mnse(stack, reference, phantom.mask)
-    exact = exact_noise_bias(stack, phantom.signal, phantom.mask)
-    return GroupFigures(
-        group=name,
-        rn=100 * protocol.rn,
-        b2=100 * protocol.b2,
-        mnse=100 * protocol.mnse,
-        exact_rn=100 * exact.rn,
-        exact_b2=100 * exact.b2,
-        snr=mean_snr(stack, phantom.mask),
-        calcification_retention=calcification_retention(
-            stack.mean(axis=0), phantom.signal, phantom.calcifications, phantom.mask
-        ),
-    )
-
-
 def format_table(rows: list[GroupFigures]) -> str:
-    header = "| group | MNSE % | RN % | B² % | exact RN % | exact B² % | SNR | calcification contrast kept |"
-    lines = [header, "|" + " --- |" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r.group} | {r.mnse:.2f} | {r.rn:.2f} | {r.b2:.3f} | {r.exact_rn:.2f} | {r.exact_b2:.3f} "
-            f"| {r.snr:.1f} | {r.calcification_retention:.2f} |"
-        )
-    return "\n".join(lines)
+    """The evaluation table (`dicom_node.sim.evaluation.markdown_table`), without a trailing newline."""
+    return markdown_table(rows).rstrip("\n")
 
 
 def _write_report(outdir: Path, rows: list[GroupFigures], dose_fraction: float, realisations: int) -> None:
-    (outdir / "report.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    records = [figures_record(r) for r in rows]
+    write_atomically(outdir / "report.json", (json.dumps(records, indent=2) + "\n").encode(), mode=0o644)
     text = (
         f"# Restoration of a synthetic phantom from {dose_fraction * 100:g}% dose\n\n"
         f"{realisations} realisations per group; pseudo ground truth from 10 full-dose realisations "
-        "(seed 000 protocol: MNSE = RN + B²); 'exact' figures use the noise-free truth.\n"
+        "(seed 000 protocol: MNSE = RN + B², in % of the signal); 'exact' figures use the noise-free truth.\n"
         "The goal is the full-dose RN with the smallest B², not the lowest MNSE.\n\n"
-        f"{format_table(rows)}\n"
+        f"{markdown_table(rows)}"
     )
-    (outdir / "report.md").write_text(text)
+    write_atomically(outdir / "report.md", text.encode(), mode=0o644)
 
 
 def _scalar(gain: float | np.ndarray) -> float | str:

@@ -16,7 +16,9 @@ from pathlib import Path
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node.config import Config
+from dicom_node.config import SELFTEST_PROFILE, Config, Destination, Profile
+from dicom_node.detectors import detector_noise
+from dicom_node.errors import Unavailable
 from dicom_node.forward.scu import send_file
 from dicom_node.imaging import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PROCESSING, raw_mammogram_dataset, save_dataset
 from dicom_node.joblog import JobLog
@@ -24,8 +26,32 @@ from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.phantom import make_phantom
 
 
-class SelftestError(Exception):
+SELFTEST_DESTINATION = "selftest-receiver"
+SIMULATED_DETECTOR = "SIM-0001"
+
+
+def with_selftest(config: Config) -> Config:
+    """`config` plus the selftest's profile and loopback destination (what `serve` runs with)."""
+    if SELFTEST_PROFILE in config.profiles:
+        return config
+    receiver = Destination(
+        name=SELFTEST_DESTINATION, ae_title=config.selftest.receiver_ae, host="127.0.0.1",
+        port=config.selftest.receiver_port, timeout_s=30,
+    )
+    profile = Profile(pipeline="gat-bm3d", dose_fraction=config.selftest.dose_fraction, destinations=[receiver.name])
+    return config.model_copy(
+        update={
+            "destinations": [*config.destinations, receiver],
+            "profiles": {**config.profiles, SELFTEST_PROFILE: profile},
+        }
+    )
+
+
+class SelftestError(Unavailable):
     """The chain did not carry the image through; the text says where it stopped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"selftest failed: {message}")
 
 
 @dataclass
@@ -58,9 +84,7 @@ def _loopback_receiver(config: Config, received: queue.Queue):
 
 
 def run_selftest(config: Config, *, size: tuple[int, int] = (512, 416), timeout_s: float = 600) -> SelftestReport:
-    noise = config.noise_model("SIM-0001") if "SIM-0001" in config.detectors else None
-    if noise is None:
-        raise SelftestError("the selftest simulates detector SIM-0001: add [detectors.SIM-0001] to the configuration")
+    noise = detector_noise(config, SIMULATED_DETECTOR)  # the selftest simulates this detector
     seed = time.time_ns() % 2**31  # a new instance each run: an identical resend would be ignored as a duplicate
     phantom = make_phantom(size, seed=seed)
     dose = config.selftest.dose_fraction

@@ -10,14 +10,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import Field
 
+from dicom_node.errors import ConfigurationError
+from dicom_node.restore.common import BreastBox, linear_rescale, mean_ratio, validated_input
 from dicom_node.restore.deep.store import DOSE_TOLERANCE, cached_model, default_model_dir, resolve_model
 from dicom_node.restore.deep.tiling import tiled_inference
-from dicom_node.restore.mask import bounding_box, breast_mask
-from dicom_node.restore.gat_bm3d import mean_ratio, validated_input
+from dicom_node.restore.device import select_device
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
-from dicom_node.restore.registry import Restoration, StageTimer, register_restorer
+from dicom_node.restore.registry import (
+    Environment,
+    Provenance,
+    Restoration,
+    RestorerOptions,
+    StageTimer,
+    register_restorer,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -25,19 +34,14 @@ if TYPE_CHECKING:
 _BOX_MARGIN = 32  # px of background context around the breast, as in the MB path
 
 
-def _select_device(device: str) -> str:
-    import torch
+class DeepOptions(RestorerOptions):
+    """A profile's choices for the deep restorer: the model ("" = the one for the dose), tiling."""
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"unknown device {device!r} (auto, cuda or cpu)")
-    return device
+    model: str = ""
+    tile: int = Field(512, gt=0)
+    batch: int = Field(4, ge=1)
 
 
-@register_restorer("deep")
 class DeepRestorer:
     """A trained network restores the image; its model card says how to normalise and for what dose.
 
@@ -67,21 +71,16 @@ class DeepRestorer:
     ) -> None:
         self.model = model or None
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        self.device = _select_device(device)
+        self.device = select_device(device).type
         self.tile = tile
         self.batch = batch
-        self.model_name: str | None = None  # the model used last (resolved by dose fraction when unset)
-        self.digest: str | None = None  # its weights' sha256
-        self.card: dict[str, Any] | None = None
         if self.model:
-            self._load(self.model)
+            self._load(self.model)  # a missing or broken model is said at start, not at the first image
 
-    def _load(self, name: str) -> tuple["torch.nn.Module", dict[str, Any]]:
+    def _load(self, name: str) -> tuple["torch.nn.Module", Any]:
         weights = self.model_dir / f"{name}.safetensors"
         modified = weights.stat().st_mtime_ns if weights.is_file() else 0
-        net, card = cached_model(str(self.model_dir.resolve()), name, self.device, modified)
-        self.model_name, self.digest, self.card = name, card["weights_sha256"], card
-        return net, card
+        return cached_model(str(self.model_dir.resolve()), name, self.device, modified)
 
     def restore(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Restoration:
         raw = validated_input(raw, noise, dose_fraction)
@@ -89,33 +88,40 @@ class DeepRestorer:
         lap = timer.lap
         name = resolve_model(self.model_dir, self.model, dose_fraction)
         net, card = self._load(name)
-        model_dose = float(card["dose_fraction"])
+        model_dose = float(card.dose_fraction)
         if abs(model_dose - dose_fraction) > DOSE_TOLERANCE:
-            raise ValueError(
+            raise ConfigurationError(
                 f"model {name!r} was trained for dose fraction {model_dose:g}, not {dose_fraction:g}; "
                 f"choose a model for {dose_fraction:g} or leave the model unset to use the default"
             )
-        normalisation = Normalisation.from_dict(card["normalisation"])
+        normalisation = Normalisation.from_dict(card.normalisation)
         lap("load")
         # Like the MB path: the network sees the breast's bounding box (it was trained on breast
         # patches); the direct-exposure background outside it is rescaled linearly.
-        mask = breast_mask(raw, noise)
-        rows, cols = bounding_box(mask, max(_BOX_MARGIN, net.receptive_field_radius))
-        box_noise = noise.crop(rows, cols)
-        image = (raw - noise.offset) / dose_fraction + noise.offset
-        x = normalisation.to_network(raw[rows, cols], box_noise, dose_fraction)
+        breast = BreastBox.of(raw, noise, max(_BOX_MARGIN, net.receptive_field_radius))
+        box_noise = breast.crop_noise(noise)
+        image = linear_rescale(raw, noise, dose_fraction)
+        x = normalisation.to_network(breast.crop(raw), box_noise, dose_fraction)
         lap("normalise")
         output = tiled_inference(net, x, tile=self.tile, batch=self.batch, device=self.device) if x.size else x
         lap("inference")
         if x.size:
-            image[rows, cols] = normalisation.from_network(output, box_noise)
+            image[breast.rows, breast.cols] = normalisation.from_network(output, box_noise)
         lap("denormalise")
         qc = {
-            "breast_fraction": float(mask.mean()),
-            "bbox_pixels": float(x.size),
-            "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, mask),
+            **breast.qc(),
+            "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, breast.mask),
             "dose_fraction_mismatch": abs(model_dose - dose_fraction),
             "model_dose_fraction": model_dose,
         }
         lap("qc")
-        return Restoration(image=image, qc=qc, timings=timer.finish())
+        provenance = Provenance(
+            method=self.name, device=self.device, options={"model": name},  # tiling changes nothing in the result
+            model_name=name, model_digest=card.weights_sha256,
+        )
+        return Restoration(image=image, provenance=provenance, qc=qc, timings=timer.finish())
+
+
+@register_restorer("deep", DeepOptions)
+def _create(options: DeepOptions, environment: Environment) -> DeepRestorer:
+    return DeepRestorer(options.model or None, environment.model_dir, environment.device, options.tile, options.batch)

@@ -1,27 +1,27 @@
 """The model store: a directory of <name>.safetensors (weights) and <name>.json (model card).
 
-The card, written by `python -m trainer export`, says what the weights are (network, options,
-dose fraction, normalisation) and carries the weights' sha256, which is checked before any use.
+The card (`ModelCard`), written by `python -m trainer export`, says what the weights are
+(network, options, dose fraction, normalisation) and carries the weights' sha256, which is
+checked before any use. A missing, broken or mismatched model is a `ConfigurationError`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.restore.normalisation import Normalisation
+from dicom_node.errors import ConfigurationError
+from dicom_node.restore.deep.card import ModelCard
 
 if TYPE_CHECKING:
     import torch
 
 MODEL_DIR_VARIABLE = "DICOM_NODE_MODEL_DIR"
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[2] / "models"
-_CARD_KEYS = ("network", "network_options", "dose_fraction", "normalisation", "weights_sha256")
 DOSE_TOLERANCE = 1e-6
 
 
@@ -39,50 +39,34 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_card(model_dir: Path, name: str) -> dict[str, Any]:
-    """The model card <name>.json, checked for the keys the node relies on."""
+def read_card(model_dir: Path, name: str) -> ModelCard:
+    """The model card <name>.json, checked for the fields the node relies on."""
     path = Path(model_dir) / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no model {name!r} in {model_dir} (missing {path.name})")
-    try:
-        card = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"model card {path} is not valid JSON: {error}") from None
-    if not isinstance(card, dict):
-        raise ValueError(f"model card {path} must hold a JSON object")
-    missing = [key for key in _CARD_KEYS if key not in card]
-    if missing:
-        raise ValueError(f"model card {path} lacks {', '.join(missing)}")
-    if not isinstance(card["network_options"], dict):
-        raise ValueError(f"model card {path}: network_options must be an object")
-    try:
-        Normalisation.from_dict(card["normalisation"])
-        float(card["dose_fraction"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"model card {path}: {error}") from None
-    return card
+        raise ConfigurationError(f"no model {name!r} in {model_dir} (missing {path.name})")
+    return ModelCard.read(path)
 
 
-def load_model(model_dir: Path, name: str) -> tuple["torch.nn.Module", dict[str, Any]]:
+def load_model(model_dir: Path, name: str) -> tuple["torch.nn.Module", ModelCard]:
     """(network in eval mode on the CPU, card) of model `name`, its weights checked against the card."""
     from safetensors.torch import load_file
 
     card = read_card(model_dir, name)
     weights = Path(model_dir) / f"{name}.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"model {name!r} has a card but no weights file {weights}")
+        raise ConfigurationError(f"model {name!r} has a card but no weights file {weights}")
     digest = file_sha256(weights)
-    if digest != card["weights_sha256"]:
-        raise ValueError(
+    if digest != card.weights_sha256:
+        raise ConfigurationError(
             f"weights of model {name!r} do not match its card (sha256 {digest}, card says "
-            f"{card['weights_sha256']}): the file was changed or belongs to another model"
+            f"{card.weights_sha256}): the file was changed or belongs to another model"
         )
-    net = _build_network(card["network"], card["network_options"])
+    net = _build_network(card.network, card.network_options)
     try:
         net.load_state_dict(load_file(weights), strict=True)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
-        raise ValueError(f"weights of model {name!r} do not fit network {card['network']!r}: {first_line}") from None
+        raise ConfigurationError(f"weights of model {name!r} do not fit network {card.network!r}: {first_line}") from None
     return net.eval(), card
 
 
@@ -90,9 +74,11 @@ def _build_network(name: str, options: dict[str, Any]) -> "torch.nn.Module":
     from dicom_node.restore.networks import build_network
 
     try:
-        return build_network(name, **options)  # an unknown name raises ValueError, listing the known ones
+        return build_network(name, **options)
     except TypeError as error:
-        raise ValueError(f"bad options for network {name!r}: {error}") from None
+        raise ConfigurationError(f"bad options for network {name!r}: {error}") from None
+    except ValueError as error:  # an unknown name (the message lists the known ones), or a bad option value
+        raise ConfigurationError(str(error)) from None
 
 
 def resolve_model(model_dir: Path, name: str | None, dose_fraction: float) -> str:
@@ -102,28 +88,28 @@ def resolve_model(model_dir: Path, name: str | None, dose_fraction: float) -> st
         read_card(model_dir, name)
         return name
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist (set {MODEL_DIR_VARIABLE} or give one)")
+        raise ConfigurationError(f"model directory {model_dir} does not exist (set {MODEL_DIR_VARIABLE} or give one)")
     cards = {
         path.stem: read_card(model_dir, path.stem)
         for path in sorted(model_dir.glob("*.json"))
         if path.with_suffix(".safetensors").is_file()
     }
-    fitting = [n for n, card in cards.items() if abs(float(card["dose_fraction"]) - dose_fraction) <= DOSE_TOLERANCE]
+    fitting = [n for n, card in cards.items() if abs(card.dose_fraction - dose_fraction) <= DOSE_TOLERANCE]
     if not fitting:
-        available = ", ".join(f"{float(card['dose_fraction']):g} ({n})" for n, card in cards.items()) or "none"
-        raise ValueError(f"no default model for dose fraction {dose_fraction:g} in {model_dir}; available: {available}")
+        available = ", ".join(f"{card.dose_fraction:g} ({n})" for n, card in cards.items()) or "none"
+        raise ConfigurationError(f"no default model for dose fraction {dose_fraction:g} in {model_dir}; available: {available}")
     return max(fitting, key=lambda n: (_created(cards[n]), n))
 
 
-def _created(card: dict[str, Any]) -> float:
+def _created(card: ModelCard) -> float:
     try:
-        return datetime.fromisoformat(str(card.get("created", ""))).timestamp()
+        return datetime.fromisoformat(str(card.created)).timestamp()
     except ValueError:
         return float("-inf")
 
 
 @lru_cache(maxsize=8)
-def cached_model(model_dir: str, name: str, device: str, modified_ns: int) -> tuple["torch.nn.Module", dict[str, Any]]:
+def cached_model(model_dir: str, name: str, device: str, modified_ns: int) -> tuple["torch.nn.Module", ModelCard]:
     """One load per model, device and weights file version in a process (a worker loads once)."""
     net, card = load_model(Path(model_dir), name)
     return net.to(device), card

@@ -5,10 +5,11 @@ Torch is imported inside the functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from dicom_node.restore.device import autocast
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,7 @@ def tiled_inference(
     (the network's zero padding inside the image) reaches no further than the receptive-field
     radius, while at the image's own border the window sees exactly what the whole-image pass
     sees. Windows are shifted inwards at the borders so all have one size and batch together.
-    On CUDA runs under bf16 (or fp16) autocast; on the CPU in float32.
+    On CUDA runs under bf16 (or fp16) autocast, on the CPU in float32 (`dicom_node.restore.device`).
     """
     import torch
 
@@ -48,7 +49,7 @@ def tiled_inference(
     device = torch.device(device) if device is not None else next(net.parameters()).device
     tiles = [(rows, cols) for rows in _spans(image.shape[0], tile, margin) for cols in _spans(image.shape[1], tile, margin)]
     output = np.full_like(image, np.nan)  # a pixel no tile covered would show
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for first in range(0, len(tiles), batch):
             group = tiles[first : first + batch]
             windows = np.stack([image[rows.window, cols.window] for rows, cols in group])[:, None]
@@ -76,14 +77,4 @@ def _spans(length: int, tile: int, margin: int) -> list[_Span]:
         window_start = min(max(start - margin, 0), length - tile)
         spans.append(_Span(window_start, window_start + tile, start, min(start + core, length)))
     return spans
-
-
-def _autocast(device: "torch.device") -> contextlib.AbstractContextManager:
-    import torch
-
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
 

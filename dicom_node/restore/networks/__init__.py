@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from dicom_node.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -40,7 +42,7 @@ def build_network(name: str, **options: object) -> "nn.Module":
     try:
         module_name, factory_name = _NETWORKS[name]
     except KeyError:
-        raise ValueError(f"unknown network {name!r}; known: {', '.join(network_names())}") from None
+        raise ConfigurationError(f"unknown network {name!r}; known: {', '.join(network_names())}") from None
     module = importlib.import_module(f"{__name__}.{module_name}")
     return getattr(module, factory_name)(**options)
 
