@@ -41,8 +41,8 @@ def main() -> None:
 
     net, card = load_model(default_model_dir(), args.model)
     raw = acquire(make_phantom((rows, cols), seed=1).signal, NOISE, 0.5, rng_or_seed=2).astype(np.float64)
-    x = ((raw - NOISE.offset) / (0.5 * 8000.0)).astype(np.float32)
-    print(f"{args.model} ({card['network']}, radius {net.receptive_field_radius}) on {rows}×{cols}, "
+    x = card.normaliser.to_network(raw, NOISE, 0.5)  # as the deep restorer feeds the network
+    print(f"{args.model} ({card.network}, radius {net.receptive_field_radius}) on {rows}×{cols}, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
 
     def whole() -> None:

@@ -6,15 +6,15 @@ import pytest
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.sim.acquisition import acquire, crosstalk_kernel
 
-NOISE = NoiseModel(0.1, 3.0, 50.0)
+BAD_DOSE_FRACTIONS = [pytest.param(0.0, id="zero"), pytest.param(-0.5, id="negative"), pytest.param(1.5, id="above-one")]
 
 
 @pytest.mark.parametrize("dose", [1.0, 0.5, 0.2])
 @pytest.mark.parametrize("level", [20.0, 400.0, 5000.0])
-def test_mean_and_variance_follow_the_model(dose, level):
-    raw = acquire(np.full((400, 400), level), NOISE, dose, rng_or_seed=1).astype(float)
-    mean_expected = dose * level + NOISE.offset
-    var_expected = NOISE.gain * dose * level + NOISE.electronic_noise**2 + 1 / 12  # + rounding
+def test_mean_and_variance_follow_the_model(dose, level, sim_noise):
+    raw = acquire(np.full((400, 400), level), sim_noise, dose, rng_or_seed=1).astype(float)
+    mean_expected = dose * level + sim_noise.offset
+    var_expected = sim_noise.gain * dose * level + sim_noise.electronic_noise**2 + 1 / 12  # + rounding
     print(f"level {level} dose {dose}: mean {raw.mean():.2f}/{mean_expected:.2f} var {raw.var():.2f}/{var_expected:.2f}")
     assert raw.mean() == pytest.approx(mean_expected, abs=4 * np.sqrt(var_expected / raw.size) + 0.05)
     assert raw.var() == pytest.approx(var_expected, rel=0.03)
@@ -34,10 +34,10 @@ def neighbour_correlation(image: np.ndarray) -> float:
     return float(np.mean(x[:, 1:] * x[:, :-1]) / np.mean(x * x))
 
 
-def test_crosstalk_correlates_noise_without_changing_its_variance():
+def test_crosstalk_correlates_noise_without_changing_its_variance(sim_noise):
     signal = np.full((500, 500), 2000.0)
-    white = acquire(signal, NOISE, 1.0, rng_or_seed=3).astype(float)
-    correlated = acquire(signal, NOISE, 1.0, rng_or_seed=3, crosstalk=0.5).astype(float)
+    white = acquire(signal, sim_noise, 1.0, rng_or_seed=3).astype(float)
+    correlated = acquire(signal, sim_noise, 1.0, rng_or_seed=3, crosstalk=0.5).astype(float)
     print(f"var white {white.var():.1f} crosstalk {correlated.var():.1f}; "
           f"neighbour correlation {neighbour_correlation(white):.3f} / {neighbour_correlation(correlated):.3f}")
     assert np.sum(crosstalk_kernel(0.5) ** 2) == pytest.approx(1.0)
@@ -45,18 +45,22 @@ def test_crosstalk_correlates_noise_without_changing_its_variance():
     assert abs(neighbour_correlation(white)) < 0.02
     # Expected: the kernel's own lag-1 autocorrelation, diluted by the white electronic noise.
     kernel = crosstalk_kernel(0.5)
-    quantum_share = NOISE.gain * 2000 / (NOISE.gain * 2000 + NOISE.electronic_noise**2 + 1 / 12)
+    quantum_share = sim_noise.gain * 2000 / (sim_noise.gain * 2000 + sim_noise.electronic_noise**2 + 1 / 12)
     expected = np.sum(kernel[:, 1:] * kernel[:, :-1]) * quantum_share
     print(f"expected neighbour correlation with crosstalk {expected:.3f}")
     assert neighbour_correlation(correlated) == pytest.approx(expected, abs=0.02)
 
 
-def test_clipped_to_stored_bits_and_deterministic_per_seed():
+def test_clipped_to_stored_bits_and_deterministic_per_seed(sim_noise):
     signal = np.array([[0.0, 100.0, 20000.0]])
-    raw = acquire(signal, NOISE, 1.0, rng_or_seed=4)
+    raw = acquire(signal, sim_noise, 1.0, rng_or_seed=4)
     assert raw.dtype == np.uint16 and raw.max() == 2**14 - 1
-    assert np.array_equal(acquire(signal, NOISE, 1.0, rng_or_seed=4), raw)
+    assert np.array_equal(acquire(signal, sim_noise, 1.0, rng_or_seed=4), raw)
     image = np.full((64, 64), 500.0)
-    assert not np.array_equal(acquire(image, NOISE, 1.0, rng_or_seed=5), acquire(image, NOISE, 1.0, rng_or_seed=6))
+    assert not np.array_equal(acquire(image, sim_noise, 1.0, rng_or_seed=5), acquire(image, sim_noise, 1.0, rng_or_seed=6))
+
+
+@pytest.mark.parametrize("dose_fraction", BAD_DOSE_FRACTIONS)
+def test_rejects_bad_dose_fraction(dose_fraction, sim_noise):
     with pytest.raises(ValueError, match="dose fraction"):
-        acquire(signal, NOISE, 0.0)
+        acquire(np.array([[0.0, 100.0, 20000.0]]), sim_noise, dose_fraction)

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+
+from dicom_node.errors import InputRefused
 from scipy import ndimage
 
 from dicom_node.restore.calibration import calibrate_flat_fields, estimate_noise_from_image
@@ -82,18 +84,19 @@ def test_single_image_estimate_on_textured_image():
     assert abs(fixed_gain / gain - 1) < 0.1
 
 
-def test_error_messages():
-    flat = np.full((64, 64), 100.0)
-    with pytest.raises(ValueError, match="2 or more distinct exposures"):
-        calibrate_flat_fields([flat, flat + 1], [1.0, 1.0])
-    with pytest.raises(ValueError, match="same shape"):
-        calibrate_flat_fields([flat, np.full((32, 32), 200.0)], [1.0, 2.0])
-    with pytest.raises(ValueError, match="2 images but 3 exposures"):
-        calibrate_flat_fields([flat, flat], [1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="finite"):
-        calibrate_flat_fields([flat, np.full((64, 64), np.nan)], [1.0, 2.0])
-    rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="does not grow"):  # more signal but less noise
-        calibrate_flat_fields([flat + rng.normal(0, 5, flat.shape), flat + 100 + rng.normal(0, 3, flat.shape)], [1.0, 2.0])
-    with pytest.raises(ValueError, match="no noise"):
-        calibrate_flat_fields([flat, flat + 100], [1.0, 2.0])
+FLAT = np.full((64, 64), 100.0)
+_RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize(("images", "exposures", "match"), [
+    pytest.param([FLAT, FLAT + 1], [1.0, 1.0], "2 or more distinct exposures", id="one-exposure"),
+    pytest.param([FLAT, np.full((32, 32), 200.0)], [1.0, 2.0], "same shape", id="shapes-differ"),
+    pytest.param([FLAT, FLAT], [1.0, 2.0, 3.0], "2 images but 3 exposures", id="more-exposures-than-images"),
+    pytest.param([FLAT, np.full((64, 64), np.nan)], [1.0, 2.0], "finite", id="nan-pixels"),
+    pytest.param([FLAT + _RNG.normal(0, 5, FLAT.shape), FLAT + 100 + _RNG.normal(0, 3, FLAT.shape)], [1.0, 2.0],
+                 "does not grow", id="more-signal-less-noise"),
+    pytest.param([FLAT, FLAT + 100], [1.0, 2.0], "no noise", id="noise-free"),
+])
+def test_error_messages(images, exposures, match):
+    with pytest.raises(InputRefused, match=match):
+        calibrate_flat_fields(images, exposures)

@@ -13,21 +13,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.cli import main
 from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
-from dicom_node.restore.noise import NoiseModel
-from dicom_node.sim.acquisition import acquire
-from dicom_node.sim.phantom import make_phantom
-from dicomtools import dciodvfy_errors
-
-SIM = NoiseModel(0.1, 3.0, 50.0)  # the embedded defaults' SIM-0001 detector
+from dicomtools import dciodvfy_errors, low_dose_mammogram
 
 
 @pytest.fixture(scope="module")
 def half_dose_file(tmp_path_factory) -> Path:
-    phantom = make_phantom((160, 128), seed=3)
-    pixels = acquire(phantom.signal, SIM, dose_fraction=0.5, rng_or_seed=1)
-    path = tmp_path_factory.mktemp("in") / "half.dcm"
-    save_dataset(raw_mammogram_dataset(pixels, seed=3, detector_serial="SIM-0001"), path)
-    return path
+    """A half-dose phantom from the embedded defaults' SIM-0001 detector."""
+    return low_dose_mammogram(tmp_path_factory.mktemp("in") / "half.dcm", seed=3, shape=(160, 128),
+                              dose_fraction=0.5, noise_seed=1, detector_serial="SIM-0001")
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -46,7 +39,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in err
 
 
-def test_process_writes_a_valid_derived_image_and_json_report(capsys, tmp_path, half_dose_file):
+def test_process_writes_a_valid_derived_image_and_json_report(capsys, tmp_path, half_dose_file, sim_noise):
     out_path = tmp_path / "out.dcm"
     code, out, err = run(capsys, "process", str(half_dose_file), str(out_path),
                          "--pipeline", "gat-bm3d", "--dose-fraction", "0.5", "--json")
@@ -64,8 +57,8 @@ def test_process_writes_a_valid_derived_image_and_json_report(capsys, tmp_path, 
     assert list(derived.ImageType)[:2] == ["DERIVED", "PRIMARY"]
     assert dciodvfy_errors(out_path) == []
     # The output is on the full-dose scale: about twice the input's signal above the offset.
-    source = read_mammogram(half_dose_file).pixels.astype(float) - SIM.offset
-    restored = read_mammogram(out_path).pixels.astype(float) - SIM.offset
+    source = read_mammogram(half_dose_file).pixels.astype(float) - sim_noise.offset
+    restored = read_mammogram(out_path).pixels.astype(float) - sim_noise.offset
     ratio = np.median(restored[source > 50]) / np.median(source[source > 50])
     print(f"restored/input signal ratio {ratio:.3f}")
     assert 1.9 < ratio < 2.1
@@ -88,89 +81,109 @@ def test_reprocessing_gives_the_same_uids(capsys, tmp_path, half_dose_file):
     assert uids[0] == uids[1]
 
 
-def test_unknown_detector_without_flags_is_refused(capsys, tmp_path):
-    pixels = np.full((64, 48), 500, np.uint16)
+def _plain_image(**options):
+    return raw_mammogram_dataset(np.full((64, 48), 500, np.uint16), seed=1, **options)
+
+
+def _unknown_detector(tmp_path: Path) -> Path:
     path = tmp_path / "unknown.dcm"
-    save_dataset(raw_mammogram_dataset(pixels, seed=1, detector_serial="HOLOGIC-123"), path)
-    code, _, err = run(capsys, "process", str(path), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")
-    assert_one_line_error(code, err, "HOLOGIC-123", "--gain", "calibrate")
-    assert not (tmp_path / "o.dcm").exists()
+    save_dataset(_plain_image(detector_serial="HOLOGIC-123"), path)
+    return path
 
 
-def test_non_mammogram_is_refused(capsys, tmp_path):
-    ds = raw_mammogram_dataset(np.full((64, 48), 500, np.uint16), seed=1)
+def _ct_image(tmp_path: Path) -> Path:
+    ds = _plain_image()
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
-    path = tmp_path / "ct.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    code, _, err = run(capsys, "process", str(path), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")
-    assert_one_line_error(code, err, "not a mammogram")
+    ds.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    return tmp_path / "ct.dcm"
 
 
-def test_missing_pixel_data_is_refused(capsys, tmp_path):
-    ds = raw_mammogram_dataset(np.full((64, 48), 500, np.uint16), seed=1)
+def _no_pixel_data(tmp_path: Path) -> Path:
+    ds = _plain_image()
     del ds.PixelData
-    path = tmp_path / "nopixels.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    code, _, err = run(capsys, "process", str(path), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")
-    assert_one_line_error(code, err, "no pixel data")
+    ds.save_as(tmp_path / "nopixels.dcm", enforce_file_format=True)
+    return tmp_path / "nopixels.dcm"
 
 
-def test_unsupported_transfer_syntax_is_refused(capsys, tmp_path):
-    ds = raw_mammogram_dataset(np.full((64, 48), 500, np.uint16), seed=1)
+def _lossy_jpeg(tmp_path: Path) -> Path:
+    ds = _plain_image()
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG Baseline (lossy)
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
     ds["PixelData"].VR = "OB"
-    path = tmp_path / "lossy.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    code, _, err = run(capsys, "process", str(path), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")
-    assert_one_line_error(code, err, "JPEG Baseline")
+    ds.save_as(tmp_path / "lossy.dcm", enforce_file_format=True)
+    return tmp_path / "lossy.dcm"
 
 
-@pytest.mark.parametrize("content", [b"", b"not a dicom file at all\n" * 20, b"DICM" * 100])
-def test_corrupt_file_is_refused(capsys, tmp_path, content):
-    path = tmp_path / "corrupt.dcm"
-    path.write_bytes(content)
-    code, _, err = run(capsys, "process", str(path), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")
-    assert_one_line_error(code, err, "corrupt.dcm")
+def _file_of(content: bytes):
+    def write(tmp_path: Path) -> Path:
+        (tmp_path / "corrupt.dcm").write_bytes(content)
+        return tmp_path / "corrupt.dcm"
+
+    return write
 
 
-def test_missing_input_and_bad_flags(capsys, tmp_path, half_dose_file):
-    code, _, err = run(capsys, "process", str(tmp_path / "absent.dcm"), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")
-    assert_one_line_error(code, err, "absent.dcm")
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--dose-fraction", "1.5")
-    assert_one_line_error(code, err, "dose fraction")
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--dose-fraction", "half")
-    assert_one_line_error(code, err, "--dose-fraction")
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5",
-                       "--pipeline", "magic")
-    assert_one_line_error(code, err, "magic", "gat-bm3d")
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"))
-    assert_one_line_error(code, err, "--dose-fraction")
+REFUSED_INPUTS = [
+    pytest.param(_unknown_detector, ("HOLOGIC-123", "--gain", "calibrate"), id="unknown-detector-without-flags"),
+    pytest.param(_ct_image, ("not a mammogram",), id="ct-image"),
+    pytest.param(_no_pixel_data, ("no pixel data",), id="no-pixel-data"),
+    pytest.param(_lossy_jpeg, ("JPEG Baseline",), id="lossy-transfer-syntax"),
+    pytest.param(_file_of(b""), ("corrupt.dcm",), id="empty-file"),
+    pytest.param(_file_of(b"not a dicom file at all\n" * 20), ("corrupt.dcm",), id="text-file"),
+    pytest.param(_file_of(b"DICM" * 100), ("corrupt.dcm",), id="dicm-and-nothing-else"),
+]
 
 
-def test_bad_config_is_one_line(capsys, tmp_path, half_dose_file):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[node]\nport = 'eleven'\n")
+@pytest.mark.parametrize(("make_input", "fragments"), REFUSED_INPUTS)
+def test_refused_input_is_one_line_and_writes_nothing(capsys, tmp_path, make_input, fragments):
+    code, _, err = run(capsys, "process", str(make_input(tmp_path)), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5")
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "o.dcm").exists()
+
+
+# `process` arguments: {input} is a good half-dose file, {out} tmp_path/o.dcm, {tmp} tmp_path.
+REFUSED_ARGUMENTS = [
+    pytest.param(("{tmp}/absent.dcm", "{out}", "--dose-fraction", "0.5"), ("absent.dcm",), id="missing-input"),
+    pytest.param(("{input}", "{out}", "--dose-fraction", "1.5"), ("dose fraction",), id="dose-fraction-above-one"),
+    pytest.param(("{input}", "{out}", "--dose-fraction", "half"), ("--dose-fraction",), id="dose-fraction-not-a-number"),
+    pytest.param(("{input}", "{out}", "--dose-fraction", "0.5", "--pipeline", "magic"), ("magic", "gat-bm3d"),
+                 id="unknown-pipeline"),
+    pytest.param(("{input}", "{out}"), ("--dose-fraction",), id="no-dose-fraction"),
+    pytest.param(("{input}", "{tmp}/no/such/dir/o.dcm", "--dose-fraction", "0.5"), ("cannot write",),
+                 id="unwritable-output"),
+    pytest.param(("{input}", "{out}", "--pipeline", "deep", "--dose-fraction", "0.3"),
+                 ("no default model for dose fraction 0.3", "0.5"), id="deep-without-a-model-for-the-dose"),
+    pytest.param(("{input}", "{out}", "--pipeline", "deep", "--dose-fraction", "0.5", "--model", "nonexistent"),
+                 ("nonexistent",), id="deep-with-an-unknown-model"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "fragments"), REFUSED_ARGUMENTS)
+def test_refused_arguments_are_one_line(capsys, tmp_path, half_dose_file, arguments, fragments):
+    args = [a.format(input=half_dose_file, out=tmp_path / "o.dcm", tmp=tmp_path) for a in arguments]
+    code, _, err = run(capsys, "process", *args)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "o.dcm").exists()
+
+
+def test_bad_config_is_one_line(capsys, tmp_path, half_dose_file, config_file):
+    bad = config_file("[node]\nport = 'eleven'\n", "bad.toml")
     code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5",
                        "--config", str(bad))
     assert_one_line_error(code, err, "node.port")
 
 
-def test_unwritable_output_is_one_line(capsys, tmp_path, half_dose_file):
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "no" / "such" / "dir" / "o.dcm"),
-                       "--dose-fraction", "0.5")
-    assert_one_line_error(code, err, "cannot write")
-
-
-def test_console_script_and_module_entry_point(tmp_path):
-    for command in (["dicom-node"], [sys.executable, "-m", "dicom_node"]):
-        exe = command if command[0] != "dicom-node" else [str(Path(sys.executable).with_name("dicom-node"))]
-        result = subprocess.run([*exe, "process", str(tmp_path / "x.dcm"), str(tmp_path / "y.dcm"),
-                                 "--dose-fraction", "0.5"], capture_output=True, text=True, timeout=120)
-        print(result.stderr.strip())
-        assert result.returncode != 0
-        assert "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("exe", [
+    pytest.param([str(Path(sys.executable).with_name("dicom-node"))], id="console-script"),
+    pytest.param([sys.executable, "-m", "dicom_node"], id="python-m-dicom_node"),
+])
+def test_console_script_and_module_entry_point(tmp_path, exe):
+    result = subprocess.run([*exe, "process", str(tmp_path / "x.dcm"), str(tmp_path / "y.dcm"),
+                             "--dose-fraction", "0.5"], capture_output=True, text=True, timeout=120)
+    print(result.stderr.strip())
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "x.dcm" in result.stderr  # the refusal names the missing input, not some start-up failure
 
 
 def test_process_with_the_shipped_deep_model(capsys, tmp_path, half_dose_file, monkeypatch):
@@ -186,12 +199,3 @@ def test_process_with_the_shipped_deep_model(capsys, tmp_path, half_dose_file, m
     assert "hresnet-phantom-50" in derived.DerivationDescription
     assert dciodvfy_errors(out_path) == []
     assert report["qc"]["mean_ratio"] == pytest.approx(1.0, abs=0.03)
-
-
-def test_deep_without_a_model_for_the_dose_is_one_line(capsys, tmp_path, half_dose_file):
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--pipeline", "deep",
-                       "--dose-fraction", "0.3")
-    assert_one_line_error(code, err, "no default model for dose fraction 0.3", "0.5")
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--pipeline", "deep",
-                       "--dose-fraction", "0.5", "--model", "nonexistent")
-    assert_one_line_error(code, err, "nonexistent")

@@ -8,6 +8,7 @@ import pytest
 
 from dicom_node.cli import main
 from dicom_node.config import load_config
+from dicom_node.detectors import detector_noise
 from dicom_node.imaging import read_mammogram
 from dicomtools import dciodvfy_errors
 
@@ -71,7 +72,7 @@ def test_calibrate_recovers_the_simulated_detector(capsys, tmp_path):
     assert entry["electronic_noise"] == pytest.approx(truth.electronic_noise, rel=0.3)
     # The written entry is a valid detector section that the node can load, gain map included.
     config = load_config(entry_file)
-    assert config.noise_model("SIM-0001", (256, 208)).gain.shape == (256, 208)
+    assert detector_noise(config, "SIM-0001", (256, 208)).gain.shape == (256, 208)
 
 
 def test_calibrate_needs_two_exposures(capsys, tmp_path):

@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from dicom_node.errors import ConfigurationError
 from dicom_node.restore.deep import store as deep
-from dicom_node.restore.deep import DeepRestorer, load_model, resolve_model, tiled_inference
+from dicom_node.restore.deep import DeepRestorer, ModelCard, load_model, resolve_model, tiled_inference
 from dicom_node.restore.networks import build_network
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
-from dicom_node.restore.registry import create_restorer
+from dicom_node.restore.registry import Environment, create_restorer
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.phantom import make_phantom
 
@@ -184,7 +185,8 @@ def test_saved_model_loads_and_gives_identical_output(tmp_path):
     net = tiny(seed=3)
     card = save_model(tmp_path, "tiny", net)
     loaded, loaded_card = load_model(tmp_path, "tiny")
-    assert loaded_card == card and not loaded.training and loaded is not net
+    assert loaded_card == ModelCard.from_dict(card) and not loaded.training and loaded is not net
+    assert loaded_card.weights_sha256 == card["weights_sha256"] and loaded_card.dose_fraction == 0.5
     image = np.random.default_rng(3).normal(0.5, 0.2, (45, 38)).astype(np.float32)
     np.testing.assert_array_equal(untiled(loaded, image), untiled(net, image))
 
@@ -192,34 +194,58 @@ def test_saved_model_loads_and_gives_identical_output(tmp_path):
 def test_changed_weights_are_refused(tmp_path):
     save_model(tmp_path, "tiny", tiny(seed=3))
     save_file({k: v.contiguous() for k, v in tiny(seed=4).state_dict().items()}, tmp_path / "tiny.safetensors")
-    with pytest.raises(ValueError, match="weights of model 'tiny' do not match its card"):
+    with pytest.raises(ConfigurationError, match="weights of model 'tiny' do not match its card"):
         load_model(tmp_path, "tiny")
 
 
 def test_missing_model_bad_card_and_unknown_network_are_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model 'absent'"):
+    with pytest.raises(ConfigurationError, match="no model 'absent'"):
         load_model(tmp_path, "absent")
     save_model(tmp_path, "strange", tiny(), network="nonet")
-    with pytest.raises(ValueError, match="unknown network 'nonet'.*hresnet"):
+    with pytest.raises(ConfigurationError, match="unknown network 'nonet'.*hresnet"):
         load_model(tmp_path, "strange")
     save_model(tmp_path, "wide", tiny(), network_options={"features": 8, "layers": 4})
-    with pytest.raises(ValueError, match="do not fit network 'dncnn'"):
+    with pytest.raises(ConfigurationError, match="do not fit network 'dncnn'"):
         load_model(tmp_path, "wide")
     save_model(tmp_path, "misnamed", tiny(), network_options={"channels": 6})
-    with pytest.raises(ValueError, match="bad options for network 'dncnn'"):
+    with pytest.raises(ConfigurationError, match="bad options for network 'dncnn'"):
         load_model(tmp_path, "misnamed")
     card = save_model(tmp_path, "partial", tiny())
     del card["weights_sha256"]
     (tmp_path / "partial.json").write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="lacks weights_sha256"):
+    with pytest.raises(ConfigurationError, match="lacks weights_sha256"):
         load_model(tmp_path, "partial")
     (tmp_path / "partial.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ConfigurationError, match="not valid JSON"):
         load_model(tmp_path, "partial")
+    for bad, message in (
+        ([1, 2], "must hold a JSON object"),
+        ({**card, "weights_sha256": "0", "network_options": [6]}, "network_options must be an object"),
+        ({**card, "weights_sha256": "0", "normalisation": {"domain": "log"}}, "unknown normalisation domain 'log'"),
+        ({**card, "weights_sha256": "0", "dose_fraction": "half"}, "could not convert"),
+    ):
+        (tmp_path / "partial.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigurationError, match=message):
+            load_model(tmp_path, "partial")
     save_model(tmp_path, "orphan", tiny())
     (tmp_path / "orphan.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no weights file"):
+    with pytest.raises(ConfigurationError, match="no weights file"):
         load_model(tmp_path, "orphan")
+
+
+def test_the_shipped_card_loads_and_a_card_round_trips(tmp_path):
+    shipped = deep.SHIPPED_MODEL_DIR / "hresnet-phantom-50.json"
+    card = deep.read_card(deep.SHIPPED_MODEL_DIR, "hresnet-phantom-50")
+    assert card.network == "hresnet" and card.dose_fraction == 0.5 and card.extra == {}
+    assert card.normaliser == Normalisation("raw", 8000.0)
+    assert card.to_json() == json.dumps(json.loads(shipped.read_text()), indent=2) + "\n"  # every field, in order
+    written = card.write(tmp_path / "copy.json")
+    assert written.stat().st_mode & 0o777 == 0o644
+    assert ModelCard.read(written) == card
+    newer = {**card.to_dict(), "calibration": {"kind": "future"}}  # a key this version does not know
+    assert ModelCard.from_dict(newer).to_dict() == newer
+    with pytest.raises(ConfigurationError, match="model card .*absent.json does not exist"):
+        ModelCard.read(tmp_path / "absent.json")
 
 
 def test_default_model_is_the_newest_for_the_dose_fraction(tmp_path):
@@ -229,11 +255,11 @@ def test_default_model_is_the_newest_for_the_dose_fraction(tmp_path):
     assert resolve_model(tmp_path, None, 0.5) == "half-new"
     assert resolve_model(tmp_path, None, 0.25) == "quarter"
     assert resolve_model(tmp_path, "half-old", 0.5) == "half-old"
-    with pytest.raises(ValueError, match=r"no default model for dose fraction 0.3 .*available: 0.5 \(half-new\), 0.5 \(half-old\), 0.25 \(quarter\)"):
+    with pytest.raises(ConfigurationError, match=r"no default model for dose fraction 0.3 .*available: 0.5 \(half-new\), 0.5 \(half-old\), 0.25 \(quarter\)"):
         resolve_model(tmp_path, None, 0.3)
-    with pytest.raises(FileNotFoundError, match="no model 'other'"):
+    with pytest.raises(ConfigurationError, match="no model 'other'"):
         resolve_model(tmp_path, "other", 0.5)
-    with pytest.raises(FileNotFoundError, match="model directory .* does not exist"):
+    with pytest.raises(ConfigurationError, match="model directory .* does not exist"):
         resolve_model(tmp_path / "missing", None, 0.5)
 
 
@@ -248,10 +274,12 @@ def half_dose():
 
 def test_identity_network_gives_the_linear_rescale(tmp_path, half_dose):
     card = save_model(tmp_path, "identity", identity())
-    restorer = create_restorer("deep", model="identity", model_dir=tmp_path, tile=32)
+    restorer = create_restorer("deep", Environment(device="cpu", model_dir=tmp_path), model="identity", tile=32)
     assert isinstance(restorer, DeepRestorer) and restorer.name == "deep"
-    assert restorer.digest == card["weights_sha256"] and restorer.device == "cpu"
+    assert restorer.device == "cpu"
     restoration = restorer.restore(half_dose, NOISE, 0.5)
+    assert restoration.provenance.model_name == "identity"
+    assert restoration.provenance.model_digest == card["weights_sha256"]
     expected = (half_dose - NOISE.offset) / 0.5 + NOISE.offset
     print("qc:", restoration.qc, "timings:", restoration.timings)
     np.testing.assert_allclose(restoration.image, expected, rtol=1e-5, atol=1e-3)
@@ -276,15 +304,14 @@ def test_default_model_from_the_environment_and_loaded_once(tmp_path, half_dose,
     save_model(tmp_path, "quarter", tiny(), 0.25)
     monkeypatch.setenv(deep.MODEL_DIR_VARIABLE, str(tmp_path))
     restorer = DeepRestorer()
-    assert restorer.model_dir == tmp_path and restorer.digest is None and restorer.model_name is None
-    restorer.restore(half_dose, NOISE, 0.5)
-    assert restorer.model_name == restorer.card["name"] == "half"
-    assert restorer.digest == restorer.card["weights_sha256"] == deep.file_sha256(tmp_path / "half.safetensors")
-    restorer.restore(half_dose, NOISE, 0.25)
-    assert restorer.model_name == "quarter"
+    assert restorer.model_dir == tmp_path and restorer.model is None and loads == []
+    provenance = restorer.restore(half_dose, NOISE, 0.5).provenance
+    assert provenance.model_name == "half"
+    assert provenance.model_digest == deep.file_sha256(tmp_path / "half.safetensors")
+    assert restorer.restore(half_dose, NOISE, 0.25).provenance.model_name == "quarter"
     DeepRestorer().restore(half_dose, NOISE, 0.5)
     assert loads == ["half", "quarter"]  # each model was read once
-    with pytest.raises(ValueError, match="no default model for dose fraction 0.1 .*available: 0.5 \\(half\\), 0.25 \\(quarter\\)"):
+    with pytest.raises(ConfigurationError, match="no default model for dose fraction 0.1 .*available: 0.5 \\(half\\), 0.25 \\(quarter\\)"):
         restorer.restore(half_dose, NOISE, 0.1)
     monkeypatch.delenv(deep.MODEL_DIR_VARIABLE)
     assert DeepRestorer().model_dir == deep.SHIPPED_MODEL_DIR == Path(deep.__file__).parents[2] / "models"
@@ -292,9 +319,9 @@ def test_default_model_from_the_environment_and_loaded_once(tmp_path, half_dose,
 
 def test_a_model_for_another_dose_fraction_is_refused(tmp_path, half_dose):
     save_model(tmp_path, "half", identity(), 0.5)
-    with pytest.raises(ValueError, match="model 'half' was trained for dose fraction 0.5, not 0.25"):
+    with pytest.raises(ConfigurationError, match="model 'half' was trained for dose fraction 0.5, not 0.25"):
         DeepRestorer("half", tmp_path).restore(half_dose, NOISE, 0.25)
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+    with pytest.raises(ConfigurationError, match="unknown device 'tpu'"):
         DeepRestorer("half", tmp_path, device="tpu")
 
 
@@ -307,3 +334,35 @@ def test_registering_the_deep_restorer_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     print("restorers, torch imported:", result.stdout.strip())
     assert result.stdout.strip() == "['deep', 'gat-bm3d'] False"
+
+
+# --- the device and precision policy ---------------------------------------------------------
+
+
+def test_device_policy(monkeypatch):
+    from dicom_node.restore import device as policy
+
+    assert policy.select_device("cpu") == torch.device("cpu")
+    assert policy.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigurationError, match="unknown device 'tpu'"):
+        policy.select_device("tpu")
+    cpu = torch.device("cpu")
+    assert policy.autocast_dtype(cpu) is None and not policy.needs_grad_scaler(cpu)
+    with policy.autocast(cpu):
+        assert not torch.is_autocast_enabled()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigurationError, match="device 'cuda' was asked for but no CUDA GPU is available"):
+        policy.select_device("cuda")
+    assert policy.select_device("auto") == cpu
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert policy.autocast_dtype(cuda) == torch.bfloat16 and not policy.needs_grad_scaler(cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert policy.autocast_dtype(cuda) == torch.float16 and policy.needs_grad_scaler(cuda)
+
+
+def test_the_device_policy_imports_no_torch():
+    code = "import sys\nimport dicom_node.restore.device\nprint('torch' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -197,13 +197,19 @@ def test_non_latin_text_is_kept_and_source_text_survives(pixels: np.ndarray, tmp
     assert dciodvfy_errors(tmp_path / "derived.dcm") == []
 
 
-def test_unusable_pixels_are_refused(raw: Dataset, pixels: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="shape"):
-        build_derived(raw, pixels[:-1], **RECIPE)
+def _with_nan(pixels: np.ndarray) -> np.ndarray:
     broken = pixels.astype(float)
     broken[3, 3] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
-        build_derived(raw, broken, **RECIPE)
+    return broken
+
+
+@pytest.mark.parametrize(("unusable", "match"), [
+    pytest.param(lambda pixels: pixels[:-1], "shape", id="one-row-short"),
+    pytest.param(_with_nan, "NaN", id="a-nan-pixel"),
+])
+def test_unusable_pixels_are_refused(unusable, match: str, raw: Dataset, pixels: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_derived(raw, unusable(pixels), **RECIPE)
 
 
 @pytest.mark.parametrize("variant", ["default", "mlo-right-flat-field"])

@@ -38,8 +38,8 @@ def test_electronic_top_up_is_sqrt_one_minus_gamma_squared():
     assert low.var() != pytest.approx(target, rel=0.04)  # the test can tell the two apart
 
 
-def test_correlated_injection_keeps_the_variance():
-    noise, level, gamma = NoiseModel(0.1, 3.0, 50.0), 2000.0, 0.5
+def test_correlated_injection_keeps_the_variance(sim_noise):
+    noise, level, gamma = sim_noise, 2000.0, 0.5
     full = acquire(np.full((600, 600), level), noise, 1.0, rng_or_seed=9).astype(float)
     low = simulate_dose_reduction(full, noise, gamma, 10, kernel=crosstalk_kernel(0.5))
     expected = noise.gain * gamma * level + noise.electronic_noise**2 + gamma**2 / 12
@@ -52,6 +52,8 @@ def test_correlated_injection_keeps_the_variance():
     assert correlation > 0.3
 
 
-def test_rejects_bad_dose_fraction():
+@pytest.mark.parametrize("dose_fraction", [pytest.param(0.0, id="zero"), pytest.param(-0.5, id="negative"),
+                                           pytest.param(1.5, id="above-one")])
+def test_rejects_bad_dose_fraction(dose_fraction, sim_noise):
     with pytest.raises(ValueError, match="dose fraction"):
-        simulate_dose_reduction(np.ones((4, 4)), NoiseModel(0.1, 3.0, 50.0), 1.5)
+        simulate_dose_reduction(np.ones((4, 4)), sim_noise, dose_fraction)

@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
+from dicom_node.errors import InputRefused
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -30,7 +32,7 @@ def job_fields(n: int) -> dict:
         series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2.1",
         transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="MAMMO", called_ae="NODE",
         peer_host="127.0.0.1", station_name="MG1", detector_serial="SN42", profile="default",
-        pipeline="gat-bm3d", model_name=None, input_path=f"/spool/{n}.dcm",
+        input_path=f"/spool/{n}.dcm",
         input_sha256=f"{n:064x}", input_bytes=1000 + n,
     )
 
@@ -181,6 +183,20 @@ def test_reclaim_expired_resets_jobs_and_deliveries(log):
     assert log.claim_delivery("f2", 5, now=later).id == sending.id
 
 
+def test_the_restoration_plan_is_recorded_by_the_lease_holder_and_the_result_names_the_model(log):
+    job = claimed(log)
+    assert (job.pipeline, job.restorer_options, job.dose_fraction) == (None, None, None)  # not decided at receipt
+    assert not log.record_plan(job.id, "w2", pipeline="deep", restorer_options={}, dose_fraction=0.5)
+    assert log.record_plan(job.id, "w1", pipeline="deep", restorer_options={"model": ""}, dose_fraction=0.5)
+    planned = log.get_job(job.id)
+    assert (planned.pipeline, planned.restorer_options, planned.dose_fraction, planned.model_name) == (
+        "deep", {"model": ""}, 0.5, None)
+    log.job_processed(job.id, "w1", derived_path="/d.dcm", derived_sop_instance_uid="2.25.9", qc={}, timings={},
+                      device="cpu", model_digest="ab" * 32, deliveries=[], model_name="hresnet-phantom-50")
+    done = log.get_job(job.id)
+    assert (done.model_name, done.model_digest, done.device) == ("hresnet-phantom-50", "ab" * 32, "cpu")
+
+
 def test_stages_are_stamped_with_times_and_durations(log):
     job = claimed(log)
     for stage, duration in (("decoded", 0.25), ("restored", 3.5), ("derived", 0.5)):
@@ -261,12 +277,13 @@ def test_permanent_delivery_failure_fails_the_job_and_retry_resends_it(log):
 
 # --- IT commands ----------------------------------------------------------------------------------
 
-def test_retry_and_cancel_of_jobs(log):
-    with pytest.raises(ValueError, match="no job"):
-        log.retry(999)
-    with pytest.raises(ValueError, match="no job"):
-        log.cancel(999)
+@pytest.mark.parametrize("command", ["retry", "cancel"])
+def test_retry_and_cancel_of_an_unknown_job_are_refused(log, command):
+    with pytest.raises(InputRefused, match="no job"):
+        getattr(log, command)(999)
 
+
+def test_retry_and_cancel_of_jobs(log):
     queued = log.record_received(**job_fields(1))
     assert not log.retry(queued)  # already queued
     assert log.cancel(queued) and not log.cancel(queued)
@@ -275,7 +292,7 @@ def test_retry_and_cancel_of_jobs(log):
     assert log.retry(queued) and log.get_job(queued).status == JobStatus.received
     claimed = log.claim_job("w1", 30)
 
-    with pytest.raises(ValueError, match="processing"):
+    with pytest.raises(InputRefused, match="processing"):
         log.retry(claimed.id)
     assert log.cancel(claimed.id)  # the worker loses its lease
     assert not log.heartbeat(claimed.id, "w1", 30)
@@ -291,9 +308,9 @@ def test_retry_and_cancel_of_jobs(log):
     assert log.retry(claimed.id)  # only the cancelled delivery goes again
     log.delivery_sent(log.claim_delivery("f1", 30).id, status=0, send_s=0.1)
     assert log.get_job(claimed.id).status == JobStatus.done
-    with pytest.raises(ValueError, match="done"):
+    with pytest.raises(InputRefused, match="done"):
         log.retry(claimed.id)
-    with pytest.raises(ValueError, match="done"):
+    with pytest.raises(InputRefused, match="done"):
         log.cancel(claimed.id)
 
 

@@ -13,13 +13,14 @@ from dicom_node.restore.registry import create_restorer
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mnse
 from dicom_node.sim.phantom import make_phantom
+from dicomtools import sim_noise_model
 
 DOSE = 0.5
 REALISATIONS = 3
 GT_REALISATIONS = 10
 
 DETECTORS = {  # noise model, breast and direct-exposure signal at full dose (within 14 bits)
-    "a-Se, Hologic-like": (NoiseModel(0.1, 3.0, 50.0), 1000.0, 12000.0),
+    "a-Se, Hologic-like": (sim_noise_model(), 1000.0, 12000.0),  # SIM-0001 of the embedded defaults
     "noisier, high offset": (NoiseModel(0.35, 8.0, 200.0), 1500.0, 9000.0),
 }
 

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from dicom_node.errors import ConfigurationError
+
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
 
@@ -23,5 +25,5 @@ def test_raw_input_is_on_the_full_dose_scale():
     half = np.array([NOISE.offset + 250.0])
     assert norm.to_network(half, NOISE, 0.5)[0] == pytest.approx(0.5)
     assert Normalisation.from_dict(norm.to_dict()) == norm
-    with pytest.raises(ValueError, match="domain"):
+    with pytest.raises(ConfigurationError, match="domain"):
         Normalisation("log")

@@ -12,7 +12,7 @@ def job(joblog: JobLog, path, uid: str) -> int:
     return joblog.record_received(
         sop_instance_uid=uid, study_instance_uid="1.2", series_instance_uid="1.2.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2.1",
         transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="MAMMO1", called_ae="DOSENODE", peer_host="127.0.0.1",
-        station_name=None, detector_serial=None, profile="p", pipeline="gat-bm3d", model_name=None,
+        station_name=None, detector_serial=None, profile="p",
         input_path=str(path), input_sha256="00", input_bytes=1,
     )
 

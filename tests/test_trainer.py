@@ -15,14 +15,23 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.restore.deep import DeepRestorer, load_model
+from dicom_node.errors import ConfigurationError, InputRefused
+from dicom_node.restore.deep import DeepRestorer, ModelCard, load_model
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.phantom import make_phantom
 from trainer.cli import main
-from trainer.data import PatchData, extract_patches, inputs_digest, make_pairs, phantom_images, split_by_image
-from trainer.experiment import ExperimentError, load_experiment, parse_experiment
+from trainer.data import (
+    PatchData,
+    TrainingImage,
+    extract_patches,
+    inputs_digest,
+    make_pairs,
+    phantom_images,
+    split_by_image,
+)
+from trainer.experiment import load_experiment, parse_experiment
 from trainer.train import CHECKPOINT, build_experiment_network, load_checkpoint, train
 
 SIM = NoiseModel(0.1, 3.0, 50.0)  # the embedded defaults' SIM-0001 detector
@@ -93,7 +102,7 @@ def minimal(**changes) -> dict:
 )
 def test_experiment_errors_are_one_line_naming_the_key(changes, key):
     parse_experiment(minimal())  # the minimal experiment itself is valid
-    with pytest.raises(ExperimentError) as info:
+    with pytest.raises(ConfigurationError) as info:
         parse_experiment(minimal(**changes), "exp.toml")
     message = str(info.value)
     print(message)
@@ -168,6 +177,35 @@ def test_low_dose_inputs_come_from_the_dose_simulation(images):
     assert not np.array_equal(again, inputs)  # new noise for a new generator (re-simulation)
 
 
+def test_unusable_training_inputs_are_refused_and_a_missing_detector_is_named(tmp_path, images):
+    from dicom_node.config import load_config
+    from dicom_node.imaging import MG_FOR_PRESENTATION, raw_mammogram_dataset, save_dataset
+    from trainer.data import dicom_images
+
+    pixels = acquire(make_phantom((192, 160), seed=1).signal, SIM, 1.0, 2)
+    config = load_config()
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    save_dataset(raw_mammogram_dataset(pixels, seed=1, detector_serial="XYZ-9"), unknown / "a.dcm")
+    with pytest.raises(ConfigurationError, match=r"a\.dcm: .*XYZ-9.*add \[detectors\.XYZ-9\]"):
+        dicom_images(unknown, config)
+
+    presentation = tmp_path / "presentation"
+    presentation.mkdir()
+    ds = raw_mammogram_dataset(pixels, seed=1)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PRESENTATION
+    save_dataset(ds, presentation / "b.dcm")
+    with pytest.raises(InputRefused, match=r"b\.dcm: not a raw \(FOR PROCESSING\) mammogram"):
+        dicom_images(presentation, config)
+    (presentation / "a-notes.txt").write_text("not an image")
+    with pytest.raises(InputRefused, match="a-notes.txt"):
+        dicom_images(presentation, config)
+
+    empty = TrainingImage("no breast", images[0].full_dose, SIM, np.zeros_like(images[0].mask))
+    with pytest.raises(InputRefused, match="no breast: the breast holds no 32×32 patch"):
+        extract_patches(empty, 32, 4, np.random.default_rng(0))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A 3-epoch run of the tiny experiment through the CLI, as a user would start it."""
@@ -211,9 +249,9 @@ def test_resume_continues_the_epoch_count_and_equals_an_unbroken_run(tiny_run, t
           f"unbroken {unbroken.history[-1]['val_loss']:.7f}")
     assert result.history[-1]["val_loss"] == pytest.approx(unbroken.history[-1]["val_loss"], rel=1e-5)
 
-    with pytest.raises(ExperimentError, match="different experiment"):
+    with pytest.raises(ConfigurationError, match="different experiment"):
         train(load_experiment(config, ['training.loss="mae"']), resumed, resume=True, progress=False)
-    with pytest.raises(ExperimentError, match="--resume"):
+    with pytest.raises(ConfigurationError, match="--resume"):
         train(load_experiment(config), resumed, progress=False)
 
 
@@ -232,6 +270,9 @@ def test_export_writes_weights_and_a_complete_card(tiny_run, exported):
     card = json.loads((exported / "tiny-50.json").read_text())
     print(json.dumps({k: card[k] for k in ("validation", "code_version", "reproduce")}, indent=1))
     assert CARD_KEYS <= set(card)
+    assert ModelCard.read(exported / "tiny-50.json").to_dict() == card  # the node's schema is the trainer's
+    for suffix in (".json", ".safetensors"):  # readable by the node's user
+        assert (exported / f"tiny-50{suffix}").stat().st_mode & 0o777 == 0o644
     weights = (exported / "tiny-50.safetensors").read_bytes()
     assert card["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     assert card["network"] == "hresnet" and card["network_options"] == {"features": 8, "blocks": 2}
@@ -261,6 +302,7 @@ def test_exported_model_restores_in_the_node_exactly_like_the_trained_module(tin
     trained.load_state_dict(checkpoint["model"])
     trained.eval()
     loaded, card = load_model(exported, "tiny-50")
+    assert card.network == "hresnet" and card.receptive_field_radius == loaded.receptive_field_radius
 
     phantom = make_phantom((160, 128), seed=99)
     low_dose = acquire(phantom.signal, SIM, 0.5, 5).astype(np.float64)

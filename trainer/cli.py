@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from dicom_node.console import parse_size, run_app
-from dicom_node.errors import ConfigurationError, NodeError
+from dicom_node.errors import ConfigurationError
 
 app = typer.Typer(
     name="trainer",
@@ -74,13 +74,6 @@ def export(
     typer.echo(f"wrote {card.with_suffix('.safetensors')} and {card}")
 
 
-def _parse_size(size: str) -> tuple[int, int]:
-    try:
-        return parse_size(size, minimum=128)
-    except ValueError as exc:
-        raise ConfigurationError(str(exc)) from None
-
-
 @app.command()
 def evaluate(
     models: Annotated[
@@ -101,7 +94,7 @@ def evaluate(
     from trainer.evaluate import evaluate as run_evaluation
     from trainer.evaluate import markdown_table, write_report
 
-    shape = _parse_size(size)
+    shape = parse_size(size, minimum=128)
     if realisations < 2 or references < 2:
         raise ConfigurationError("--realisations and --references must be at least 2")
     if not 0 < dose < 1:
@@ -125,4 +118,4 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command, turning user errors into one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "trainer", *argv])  # the model card's "reproduce"
-    run_app(app, argv, prog="python -m trainer", user_errors=(NodeError,), obj=command)
+    run_app(app, argv, prog="python -m trainer", obj=command)  # a NodeError ends as one line

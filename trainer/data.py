@@ -62,17 +62,14 @@ def dicom_images(folder: Path, config: Config) -> list[TrainingImage]:
     A file that is not a raw mammogram is refused (`InputRefused`); a detector without an entry
     in `config` is a `ConfigurationError` naming the entry to add.
     """
-    from dicom_node.imaging import ImagingError, read_mammogram
+    from dicom_node.imaging import read_mammogram
 
     paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
     if not paths:
         raise ConfigurationError(f"data.folder {folder}: no files found")
     images = []
     for path in paths:
-        try:
-            image = read_mammogram(path)
-        except ImagingError as exc:  # not a readable mammogram
-            raise InputRefused(str(exc)) from None
+        image = read_mammogram(path)  # InputRefused when the file is not a readable mammogram
         if not image.params.for_processing:
             raise InputRefused(f"{path}: not a raw (FOR PROCESSING) mammogram; train on raw data only")
         try:

@@ -24,7 +24,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.alter_column("pipeline", existing_type=sa.String(64), nullable=True)
         batch.add_column(sa.Column("restorer_options", sa.JSON(), nullable=True))
-        batch.add_column(sa.Column("dose_fraction", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("dose_fraction", sa.Double(), nullable=True))
 
 
 def downgrade() -> None:
