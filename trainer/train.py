@@ -10,6 +10,7 @@ where the GPU lacks bf16); the CPU runs in float32.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dicom_node.errors import ConfigurationError
+from dicom_node.files import write_atomically
 from dicom_node.restore.device import autocast, needs_grad_scaler, select_device
 from dicom_node.restore.networks import build_network, network_names
 from trainer.data import PatchData
@@ -32,6 +34,7 @@ CURVES_CSV = "curves.csv"
 CURVES_PNG = "curves.png"
 EVAL_BATCH = 64
 _RESUME_MAY_CHANGE = ("epochs", "device", "threads")
+OUTPUT_MODE = 0o644  # checkpoint and curves, readable like any file the run writes
 HISTORY_FIELDS = ("epoch", "learning_rate", "train_loss", "val_loss", "val_psnr", "val_ssim", "seconds")
 
 
@@ -276,10 +279,8 @@ def _resume_state(path: Path, experiment: Experiment) -> dict:
 
 
 def _save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Write-then-rename, so an interrupted run never leaves a truncated checkpoint."""
-    partial = path.with_suffix(".partial")
-    torch.save(checkpoint, partial)
-    partial.replace(path)
+    """Atomically, so an interrupted run never leaves a truncated checkpoint."""
+    write_atomically(path, lambda stream: torch.save(checkpoint, stream), mode=OUTPUT_MODE)
 
 
 def write_curves(out_dir: Path, history: list[dict]) -> None:
@@ -289,10 +290,11 @@ def write_curves(out_dir: Path, history: list[dict]) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    with open(out_dir / CURVES_CSV, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomically(out_dir / CURVES_CSV, table.getvalue().encode(), mode=OUTPUT_MODE)
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.5), constrained_layout=True)
     axes[0].plot(epochs[1:], [row["train_loss"] for row in history[1:]], label="training")
@@ -303,5 +305,7 @@ def write_curves(out_dir: Path, history: list[dict]) -> None:
     axes[1].set(xlabel="epoch", ylabel="validation PSNR (dB)")
     axes[2].plot(epochs, [row["val_ssim"] for row in history])
     axes[2].set(xlabel="epoch", ylabel="validation SSIM")
-    figure.savefig(out_dir / CURVES_PNG, dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
     plt.close(figure)
+    write_atomically(out_dir / CURVES_PNG, png.getvalue(), mode=OUTPUT_MODE)
