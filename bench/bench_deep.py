@@ -42,8 +42,10 @@ def main() -> None:
     net, card = load_model(default_model_dir(), args.model)
     raw = acquire(make_phantom((rows, cols), seed=1).signal, NOISE, 0.5, rng_or_seed=2).astype(np.float64)
     x = card.normaliser.to_network(raw, NOISE, 0.5)  # as the deep restorer feeds the network
-    print(f"{args.model} ({card.network}, radius {net.receptive_field_radius}) on {rows}×{cols}, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    print(
+        f"{args.model} ({card.network}, radius {net.receptive_field_radius}) on {rows}×{cols}, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}"
+    )
 
     def whole() -> None:
         with torch.inference_mode():
@@ -52,7 +54,7 @@ def main() -> None:
     reference = best_of(args.repeats, whole)
     print(f"whole image: {reference:.2f} s (reference)")
     for tile in args.tiles:
-        seconds = best_of(args.repeats, lambda: tiled_inference(net, x, tile=tile))
+        seconds = best_of(args.repeats, lambda tile=tile: tiled_inference(net, x, tile=tile))
         print(f"tile {tile}: {seconds:.2f} s  ratio {seconds / reference:.2f}")
 
     deep = create_restorer("deep", model=args.model)

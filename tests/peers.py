@@ -87,7 +87,7 @@ class Orthanc:
         self.modalities = modalities or {}
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         binary = require("Orthanc", "orthanc")
         config = {
             "Name": "test-pacs",
@@ -107,8 +107,8 @@ class Orthanc:
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "orthanc.json").write_text(json.dumps(config))
-        log = open(self.folder / "orthanc.log", "w")
-        self.process = subprocess.Popen([binary, str(self.folder / "orthanc.json")], stdout=log, stderr=log)
+        with open(self.folder / "orthanc.log", "w") as log:  # Orthanc writes to its own copy of the handle
+            self.process = subprocess.Popen([binary, str(self.folder / "orthanc.json")], stdout=log, stderr=log)
 
         def answering() -> bool:
             if self.process.poll() is not None:

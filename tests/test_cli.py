@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.cli import main
 from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
+
 from dicomtools import dciodvfy_errors, low_dose_mammogram
 
 

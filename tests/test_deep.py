@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dicom_node.errors import ConfigurationError
-from dicom_node.restore.deep import store as deep
 from dicom_node.restore.deep import DeepRestorer, ModelCard, load_model, resolve_model, tiled_inference
+from dicom_node.restore.deep import store as deep
 from dicom_node.restore.networks import build_network
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
@@ -147,7 +147,15 @@ def test_tiled_equals_untiled(shape, tile, margin, batch):
         ("resnet-at", {"features": 4, "blocks": 2}),
         ("dncnn", {"features": 4, "layers": 5}),
         ("cnn5", {"features": 4}),
-        ("cascade", {"first": "cnn5", "first_options": {"features": 4}, "second": "hresnet", "second_options": {"features": 4, "blocks": 2}}),
+        (
+            "cascade",
+            {
+                "first": "cnn5",
+                "first_options": {"features": 4},
+                "second": "hresnet",
+                "second_options": {"features": 4, "blocks": 2},
+            },
+        ),
     ],
 )
 def test_tiled_equals_untiled_for_every_network(network, options):
@@ -255,7 +263,10 @@ def test_default_model_is_the_newest_for_the_dose_fraction(tmp_path):
     assert resolve_model(tmp_path, None, 0.5) == "half-new"
     assert resolve_model(tmp_path, None, 0.25) == "quarter"
     assert resolve_model(tmp_path, "half-old", 0.5) == "half-old"
-    with pytest.raises(ConfigurationError, match=r"no default model for dose fraction 0.3 .*available: 0.5 \(half-new\), 0.5 \(half-old\), 0.25 \(quarter\)"):
+    with pytest.raises(
+        ConfigurationError,
+        match=r"no default model for dose fraction 0.3 .*available: 0.5 \(half-new\), 0.5 \(half-old\), 0.25 \(quarter\)",
+    ):
         resolve_model(tmp_path, None, 0.3)
     with pytest.raises(ConfigurationError, match="no model 'other'"):
         resolve_model(tmp_path, "other", 0.5)
@@ -311,7 +322,10 @@ def test_default_model_from_the_environment_and_loaded_once(tmp_path, half_dose,
     assert restorer.restore(half_dose, NOISE, 0.25).provenance.model_name == "quarter"
     DeepRestorer().restore(half_dose, NOISE, 0.5)
     assert loads == ["half", "quarter"]  # each model was read once
-    with pytest.raises(ConfigurationError, match="no default model for dose fraction 0.1 .*available: 0.5 \\(half\\), 0.25 \\(quarter\\)"):
+    with pytest.raises(
+        ConfigurationError,
+        match="no default model for dose fraction 0.1 .*available: 0.5 \\(half\\), 0.25 \\(quarter\\)",
+    ):
         restorer.restore(half_dose, NOISE, 0.1)
     monkeypatch.delenv(deep.MODEL_DIR_VARIABLE)
     assert DeepRestorer().model_dir == deep.SHIPPED_MODEL_DIR == Path(deep.__file__).parents[2] / "models"

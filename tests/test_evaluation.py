@@ -104,7 +104,8 @@ def test_a_group_gets_every_figure_once_and_one_table():
     record = figures_record(row)
     assert tuple(record) == RECORD_FIELDS
     assert record["method"] == "LD" and record["seconds_per_image"] == 1.5
-    assert record["rn_pct"] == pytest.approx(100 * row.protocol.rn) and record["exact_b2_pct"] == pytest.approx(100 * row.exact.b2)
+    assert record["rn_pct"] == pytest.approx(100 * row.protocol.rn)
+    assert record["exact_b2_pct"] == pytest.approx(100 * row.exact.b2)
     table = markdown_table([row])
     print(table)
     header, rule, line = table.splitlines()

@@ -20,11 +20,12 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicomtools import dcmtk_convert, transfer_syntax_of
 from dicom_node import config
 from dicom_node import files as files_module
 from dicom_node.forward import FolderDestination, NetworkDestination, SendResult, echo, make_destination, send_file
 from dicom_node.imaging import MG_FOR_PROCESSING, raw_mammogram_dataset, save_dataset
+
+from dicomtools import dcmtk_convert, transfer_syntax_of
 from peers import Storescp, free_port, wait_until
 
 CALLING_AE = "DOSENODE"

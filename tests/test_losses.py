@@ -41,7 +41,9 @@ def reference_ssim(a: np.ndarray, b: np.ndarray) -> float:
     var_a, var_b = blur(a * a) - mean_a**2, blur(b * b) - mean_b**2
     cov = blur(a * b) - mean_a * mean_b
     c1, c2 = 0.01**2, 0.03**2
-    return float(np.mean((2 * mean_a * mean_b + c1) * (2 * cov + c2) / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2))))
+    return float(
+        np.mean((2 * mean_a * mean_b + c1) * (2 * cov + c2) / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)))
+    )
 
 
 def test_ssim_is_one_for_identical_images_and_drops_with_noise():
@@ -127,8 +129,13 @@ def test_perceptual_layers_are_the_seed_layers(vgg_file):
     with torch.no_grad():
         shapes = {name: tuple(term.features(x).shape[1:]) for name, term in loss.terms.items()}
     print("feature shapes:", shapes)
-    assert shapes == {"pl1": (64, 16, 16), "pl2": (128, 8, 8), "pl3": (256, 4, 4), "pl4": (512, 2, 2),
-                      "pl4-nopool": (512, 16, 16)}
+    assert shapes == {
+        "pl1": (64, 16, 16),
+        "pl2": (128, 8, 8),
+        "pl3": (256, 4, 4),
+        "pl4": (512, 2, 2),
+        "pl4-nopool": (512, 16, 16),
+    }
     assert isinstance(loss.terms["pl4"].layers[-1], torch.nn.ReLU)
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in loss.terms["pl4-nopool"].layers) == 0
 

@@ -140,6 +140,11 @@ def test_cascade_feeds_the_first_network_into_the_second():
 
     with pytest.raises(ValueError, match="single networks"):
         build_network("cascade", second="cascade")
-    mixed = build_network("cascade", first="cnn5", second="dncnn", first_options={"features": 4},
-                          second_options={"features": 4, "layers": 3})
+    mixed = build_network(
+        "cascade",
+        first="cnn5",
+        second="dncnn",
+        first_options={"features": 4},
+        second_options={"features": 4, "layers": 3},
+    )
     assert mixed.receptive_field_radius == 5 + 3

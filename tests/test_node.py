@@ -22,7 +22,8 @@ from pydicom import dcmread
 from dicom_node.config import load_config
 from dicom_node.imaging import read_mammogram
 from dicom_node.joblog import JobLog
-from dicomtools import dciodvfy_errors, gdcmconv, dcmtk_convert, low_dose_mammogram, sim_noise_model
+
+from dicomtools import dciodvfy_errors, dcmtk_convert, gdcmconv, low_dose_mammogram, sim_noise_model
 from peers import Orthanc, free_port, storescu, wait_for_port, wait_until
 
 NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
@@ -88,10 +89,10 @@ class RunningNode:
         self.log_path = folder / "node.log"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "RunningNode":
-        log = open(self.log_path, "a")
-        self.process = subprocess.Popen([NODE_BIN, "serve", "--config", str(self.config_path)],
-                                        stdout=log, stderr=log, cwd=self.folder)
+    def start(self) -> RunningNode:
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen([NODE_BIN, "serve", "--config", str(self.config_path)],
+                                            stdout=log, stderr=log, cwd=self.folder)
         wait_for_port(self.port, self.process, 60, "the node", details=lambda: f":\n{self.log()[-3000:]}")
         return self
 
@@ -242,9 +243,9 @@ def test_a_worker_started_alone_takes_the_jobs(tmp_path, pacs, node_factory):
     time.sleep(2)  # not a wait for an event: the time a worker, were there one, would need to claim the job
     [queued] = node.joblog().list_jobs()
     assert str(queued.status) == "received" and queued.claimed_at is None  # nobody restores it yet
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([NODE_BIN, "worker", "--config", str(node.config_path)], stdout=log, stderr=log,
-                              cwd=node.folder)
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([NODE_BIN, "worker", "--config", str(node.config_path)], stdout=log, stderr=log,
+                                  cwd=node.folder)
     try:
         [job] = node.wait_for_jobs(1)
         pacs.wait_for(job.derived_sop_instance_uid)
@@ -394,8 +395,8 @@ def test_embedded_defaults_serve_to_the_outbox_folder(tmp_path, monkeypatch):
     defaults = load_config()
     folder = tmp_path / "site"
     folder.mkdir()
-    log = open(folder / "node.log", "w")
-    process = subprocess.Popen([NODE_BIN, "serve"], stdout=log, stderr=log, cwd=folder)
+    with open(folder / "node.log", "w") as log:
+        process = subprocess.Popen([NODE_BIN, "serve"], stdout=log, stderr=log, cwd=folder)
     node_log = lambda: f":\n{(folder / 'node.log').read_text()[-3000:]}"  # noqa: E731
     try:
         wait_for_port(defaults.node.port, process, 60, "dicom-node serve", details=node_log)

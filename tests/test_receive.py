@@ -26,12 +26,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode, split_dataset
 
-from dicomtools import dcmtk_convert, gdcmconv, require_tool
 from dicom_node.config import Config, parse_config
 from dicom_node.imaging import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PROCESSING, raw_mammogram_dataset, save_dataset
 from dicom_node.receive import AllowList, Refused, Spool, StorageSCP
 from dicom_node.receive.allowlist import CALLING_AE_NOT_RECOGNISED
-from peers import storescu as run_storescu, wait_until
+
+from dicomtools import dcmtk_convert, gdcmconv, require_tool
+from peers import storescu as run_storescu
+from peers import wait_until
 
 NODE = "DOSENODE"
 
@@ -181,11 +183,11 @@ def test_receive_imports_no_restoration_code() -> None:
 def test_port_is_known_only_while_running(tmp_path: Path) -> None:
     scp = StorageSCP(make_config(tmp_path / "node"), MemorySink(), port=0)
     with pytest.raises(RuntimeError):
-        scp.port
+        _ = scp.port
     with scp:
         assert scp.port > 0
     with pytest.raises(RuntimeError):
-        scp.port
+        _ = scp.port
 
 
 def test_accepted_contexts_are_the_lossless_syntaxes(serve) -> None:

@@ -3,7 +3,9 @@
 Every module of the project is parsed with `ast` (nothing is imported) and every `import` and
 `from … import` in it is an edge, wherever it stands: at the top, inside a function, under
 `if TYPE_CHECKING:`. Relative imports are resolved; importing `a.b.c` also runs the packages `a`
-and `a.b`, so those are edges too. The walls are then checked transitively through the project's
+and `a.b`, so those are edges too. A module that imports dynamically (`importlib.import_module`,
+`__import__`) is taken to import every project module it names in a string literal, such as the
+restorer registry's list of built-in restorers; names computed at run time cannot be seen. The walls are then checked transitively through the project's
 own modules; a module outside the project (the standard library included) is recorded by its
 top-level name and not followed. A violation names the whole chain, e.g.
 `dicom_node.receive.scp → dicom_node.config → dicom_node.restore.noise`.
@@ -61,6 +63,17 @@ def _imported_names(module: str, is_package: bool, tree: ast.AST) -> set[str]:
     return names
 
 
+def _imports_dynamically(tree: ast.AST) -> bool:
+    return any(isinstance(node, ast.Call) and (
+        isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+        or isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__"))
+        for node in ast.walk(tree))
+
+
+def _string_literals(tree: ast.AST) -> set[str]:
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
 @dataclass
 class ImportGraph:
     """Project module → the project modules and external top-level packages it imports."""
@@ -70,11 +83,13 @@ class ImportGraph:
     external_edges: dict[str, set[str]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, root: Path, packages: tuple[str, ...] = PROJECT_PACKAGES) -> "ImportGraph":
+    def build(cls, root: Path, packages: tuple[str, ...] = PROJECT_PACKAGES) -> ImportGraph:
         graph = cls(module_files(root, packages))
         for module, path in graph.modules.items():
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             project, external = set(), set()
+            if _imports_dynamically(tree):  # e.g. importlib.import_module("dicom_node.restore.deep")
+                project.update(n for n in _string_literals(tree) if "." in n and n in graph.modules)
             for name in _imported_names(module, path.name == "__init__.py", tree):
                 if name.split(".")[0] in packages:
                     # The module itself if it is one of ours (`from pkg import function` names none),
@@ -166,7 +181,9 @@ def test_walker_sees_the_project_imports(graph: ImportGraph) -> None:
                 for name, chain in graph.chains_from(start).items()}
     restoration = sorted(name for name in pipeline if _within(name, "dicom_node.restore"))
     print("dicom_node.pipeline reaches", restoration)
-    assert restoration, "the pipeline must reach the restorers"
+    assert "dicom_node.restore.registry" in restoration, "the pipeline must reach the restorers"
+    # The registry loads its built-in restorers with importlib.import_module, by name.
+    assert "dicom_node.restore.gat_bm3d" in graph.project_edges["dicom_node.restore.registry"]
     assert violations(graph, graph.under("dicom_node.pipeline"), ("dicom_node.restore",))
     assert "pydicom" in {n for start in graph.under("dicom_node.imaging") for n in graph.chains_from(start)}
     assert violations(graph, graph.under("trainer"), ("dicom_node",)), "the trainer builds on the node"
@@ -182,6 +199,7 @@ def test_walker_follows_function_level_and_relative_imports(tmp_path: Path) -> N
         "pkg/c.py": "class C:\n    def method(self):\n        import socket.whatever\n",
         "pkg/d.py": "import pkg.sub.b as alias\nfrom pkg import *\n",
         "pkg/e.py": "",
+        "pkg/f.py": "import importlib\nPLUGINS = ('pkg.e',)\nfor name in PLUGINS:\n    importlib.import_module(name)\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -195,3 +213,4 @@ def test_walker_follows_function_level_and_relative_imports(tmp_path: Path) -> N
     assert violations(graph, ["pkg.a"], ("json",)) == ["pkg.a → json"]
     assert violations(graph, ["pkg.a", "pkg.e"], ("pkg.c",)) == ["pkg.a → pkg.sub.b → pkg.c"]
     assert violations(graph, ["pkg.e"], ("socket", "json")) == []
+    assert graph.project_edges["pkg.f"] == {"pkg", "pkg.e"}  # a dynamic import by a literal name

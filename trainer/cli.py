@@ -26,17 +26,22 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
 @app.command()
 def train(
     ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", "-c", metavar="EXPERIMENT.toml", help="The experiment file.")],
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=5 (TOML value)."),
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=5 (TOML value)."
+        ),
     ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Override training.epochs.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Override training.device: auto, cpu or cuda.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the checkpoint and curves (default runs/NAME).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Folder for the checkpoint and curves (default runs/NAME).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
 ) -> None:
@@ -60,7 +65,9 @@ def train(
 @app.command()
 def export(
     ctx: typer.Context,
-    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="checkpoint.pt, or the run folder holding it.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CHECKPOINT", help="checkpoint.pt, or the run folder holding it.")
+    ],
     name: Annotated[str, typer.Option(help="Model name: writes NAME.safetensors and NAME.json.")],
     out: Annotated[Path, typer.Option(help="Model directory to write into.")],
 ) -> None:
@@ -77,7 +84,8 @@ def export(
 @app.command()
 def evaluate(
     models: Annotated[
-        Optional[list[Path]], typer.Option("--models", metavar="DIR/NAME", help="A model to evaluate; repeat for several.")
+        Optional[list[Path]],
+        typer.Option("--models", metavar="DIR/NAME", help="A model to evaluate; repeat for several."),
     ] = None,
     size: Annotated[str, typer.Option(help="Phantom rows x columns.")] = "512x416",
     realisations: Annotated[int, typer.Option(help="P: realisations per evaluated group.")] = 5,
@@ -85,8 +93,12 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Phantom and noise seed (keep it apart from the training seeds).")] = 1000,
     dose: Annotated[float, typer.Option(help="Dose fraction of the low-dose acquisitions.")] = 0.5,
     detector: Annotated[str, typer.Option(help="Detector entry of the node configuration to simulate.")] = "SIM-0001",
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Node configuration (default: embedded).")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for evaluation.md, evaluation.csv and snr_maps.png.")] = Path("evaluation"),
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Node configuration (default: embedded).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for evaluation.md, evaluation.csv and snr_maps.png.")] = Path(
+        "evaluation"
+    ),
 ) -> None:
     """Seed 000's Table 2/3 on repeated phantom acquisitions: the models, MB, FD and LD."""
     from dicom_node.config import load_config
@@ -105,8 +117,13 @@ def evaluate(
     except ConfigurationError as exc:
         raise ConfigurationError(f"--detector: {exc}") from None
     rows = run_evaluation(  # an unknown model, or one for another dose, is a ConfigurationError
-        list(models or []), noise, size=shape, seed=seed,
-        dose_fraction=dose, realisations=realisations, references=references,
+        list(models or []),
+        noise,
+        size=shape,
+        seed=seed,
+        dose_fraction=dose,
+        realisations=realisations,
+        references=references,
     )
     settings = f"phantom {shape[0]}x{shape[1]} seed {seed}, dose {dose:g}, N = {references}, P = {realisations}, detector {detector}"
     paths = write_report(rows, out, settings)

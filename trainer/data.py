@@ -84,6 +84,8 @@ def dicom_images(folder: Path, config: Config) -> list[TrainingImage]:
 def load_images(settings: DataSettings) -> list[TrainingImage]:
     config = load_config(settings.node_config) if settings.node_config else load_config()
     if settings.source == "dicom":
+        if settings.folder is None:  # DataSettings' validator already refuses this
+            raise ConfigurationError('data: source = "dicom" needs folder')
         return dicom_images(settings.folder, config)
     try:
         noise = detector_noise(config, settings.detector)
@@ -97,7 +99,9 @@ def split_by_image(
 ) -> tuple[list[TrainingImage], list[TrainingImage]]:
     """(training, validation): whole images held out, chosen by `seed`."""
     if not 0 < validation_images < len(images):
-        raise ConfigurationError(f"data.validation_images: need 1 to {len(images) - 1} of {len(images)} images, got {validation_images}")
+        raise ConfigurationError(
+            f"data.validation_images: need 1 to {len(images) - 1} of {len(images)} images, got {validation_images}"
+        )
     order = np.random.default_rng([seed, 2]).permutation(len(images))
     held_out = set(order[:validation_images].tolist())
     return (
@@ -149,7 +153,9 @@ def make_pairs(
 
 def inputs_digest(images: list[TrainingImage]) -> str:
     """sha256 of the list of training inputs: each image's label and pixel digest, one per line."""
-    lines = (f"{img.label}\t{hashlib.sha256(np.ascontiguousarray(img.full_dose).tobytes()).hexdigest()}" for img in images)
+    lines = (
+        f"{img.label}\t{hashlib.sha256(np.ascontiguousarray(img.full_dose).tobytes()).hexdigest()}" for img in images
+    )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -208,7 +214,9 @@ class PatchData:
         if len(models) == 1:
             gain, electronic, offset = models.pop()
             return {"gain": gain, "electronic_noise": electronic, "offset": offset}
-        return {"note": f"per image, from the detector entries of {self.settings.node_config or 'the embedded defaults'}"}
+        return {
+            "note": f"per image, from the detector entries of {self.settings.node_config or 'the embedded defaults'}"
+        }
 
 
 def _describe_gain(gain: float | np.ndarray) -> float | str:

@@ -20,7 +20,7 @@ import numpy as np
 from dicom_node.files import write_atomically
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
-from dicom_node.restore.registry import Restorer, create_restorer
+from dicom_node.restore.registry import Environment, Restorer, create_restorer
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.evaluation import RECORD_FIELDS, GroupFigures, evaluate_group, figures_record
 from dicom_node.sim.evaluation import markdown_table as figures_table
@@ -34,11 +34,9 @@ REPORT_MODE = 0o644
 
 def model_restorer(model: str | Path) -> tuple[str, Restorer]:
     """(label, restorer) for a model given as DIR/NAME (a .json or .safetensors suffix is ignored)."""
-    from dicom_node.restore.deep import DeepRestorer
-
     path = Path(model)
     name = path.name.removesuffix(".json").removesuffix(".safetensors")
-    return f"DL {name}", DeepRestorer(model=name, model_dir=path.parent)
+    return f"DL {name}", create_restorer("deep", Environment(model_dir=path.parent), model=name)
 
 
 def evaluate(
@@ -105,10 +103,13 @@ def write_report(rows: list[GroupFigures], out_dir: Path, settings: str) -> list
     write_atomically(out_dir / TABLE_MD, markdown_table(rows, settings).encode(), mode=REPORT_MODE)
     write_atomically(out_dir / TABLE_CSV, _csv_text(rows).encode(), mode=REPORT_MODE)
 
-    full_dose_snr = np.nanmedian(rows[-1].snr_map)  # like the paper: a range based on the FD SNR
+    maps = [row.snr_map for row in rows if row.snr_map is not None]
+    if len(maps) != len(rows):
+        raise ValueError("write_report needs every row's SNR map (as evaluate_group makes them)")
+    full_dose_snr = np.nanmedian(maps[-1])  # like the paper: a range based on the FD SNR
     figure, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.4), constrained_layout=True)
-    for axis, row in zip(np.atleast_1d(axes), rows):
-        image = axis.imshow(row.snr_map, cmap="viridis", vmin=0.5 * full_dose_snr, vmax=1.5 * full_dose_snr)
+    for axis, row, snr in zip(np.atleast_1d(axes), rows, maps, strict=True):
+        image = axis.imshow(snr, cmap="viridis", vmin=0.5 * full_dose_snr, vmax=1.5 * full_dose_snr)
         axis.set_title(f"{row.method}\nmean SNR {row.mean_snr:.1f}", fontsize=8)
         axis.axis("off")
     figure.colorbar(image, ax=axes, shrink=0.8, label="SNR")

@@ -7,6 +7,7 @@ the node's own configuration. Relative paths in the file are relative to the fil
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ class NetworkSettings(_Strict):
 
 class NormalisationSettings(_Strict):
     domain: Literal["raw", "anscombe"] = "raw"
-    scale: float = Field(8000.0, gt=0)
+    scale: float = Field(default=8000.0, gt=0)
 
     def build(self) -> Normalisation:
         return Normalisation(self.domain, self.scale)
@@ -37,39 +38,41 @@ class NormalisationSettings(_Strict):
 class DataSettings(_Strict):
     source: Literal["phantom", "dicom"] = "phantom"
     # source = "phantom": synthetic phantoms with seeds first_seed, first_seed + 1, …
-    phantoms: int = Field(16, ge=2)
-    first_seed: int = Field(0, ge=0)
+    phantoms: int = Field(default=16, ge=2)
+    first_seed: int = Field(default=0, ge=0)
     phantom_size: tuple[int, int] = (512, 416)
     detector: str = "SIM-0001"  # the node-config detector entry whose noise the phantoms get
     # source = "dicom": full-dose raw MG files; each file's noise from its Device Serial Number
     folder: Path | None = None
     node_config: Path | None = None  # node configuration with [detectors]; None: embedded defaults
     dose_fraction: float = Field(gt=0, lt=1)
-    noise_correlation: float = Field(0.0, ge=0, le=1)  # crosstalk strength of the injected noise; 0: white
+    noise_correlation: float = Field(default=0.0, ge=0, le=1)  # crosstalk strength of the injected noise; 0: white
     resimulate: bool = False  # new low-dose noise every epoch (seed 001)
-    patch_size: int = Field(64, ge=8)
-    patches_per_image: int = Field(256, ge=1)
-    validation_images: int = Field(2, ge=1)  # whole images held out: the split is by image, never by patch
+    patch_size: int = Field(default=64, ge=8)
+    patches_per_image: int = Field(default=256, ge=1)
+    validation_images: int = Field(default=2, ge=1)  # whole images held out: the split is by image, never by patch
     normalisation: NormalisationSettings = NormalisationSettings()
 
     @model_validator(mode="after")
-    def _source_complete(self) -> "DataSettings":
+    def _source_complete(self) -> DataSettings:
         if self.source == "dicom" and self.folder is None:
             raise ValueError('source = "dicom" needs folder')
         if self.source == "phantom":
             if self.validation_images >= self.phantoms:
-                raise ValueError(f"validation_images ({self.validation_images}) must be fewer than phantoms ({self.phantoms})")
+                raise ValueError(
+                    f"validation_images ({self.validation_images}) must be fewer than phantoms ({self.phantoms})"
+                )
             if min(self.phantom_size) < 2 * self.patch_size:
                 raise ValueError(f"phantom_size must be at least twice patch_size ({self.patch_size}) a side")
         return self
 
 
 class TrainingSettings(_Strict):
-    epochs: int = Field(60, ge=1)
-    batch_size: int = Field(256, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
+    epochs: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
-    lr_halving_epochs: int = Field(10, ge=1)  # the learning rate halves every this many epochs
+    lr_halving_epochs: int = Field(default=10, ge=1)  # the learning rate halves every this many epochs
     loss: str | dict[str, float] = "mae"  # a make_loss spec: "mse", "pl4", {"mse" = 1, "ssim" = 10}, …
     vgg_weights: Path | None = None  # torchvision's vgg16 state dict, for the perceptual losses
     identity_start: bool = False  # zero the output convolution: a residual network starts as the identity
@@ -77,26 +80,24 @@ class TrainingSettings(_Strict):
     init_prefix: str = ""  # load init_from into this submodule (e.g. "first." of a cascade)
     freeze: list[str] = []  # parameter-name prefixes kept fixed (e.g. a cascade's trained first stage)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1)  # CPU threads for torch; None: torch's default
+    threads: int | None = Field(default=None, ge=1)  # CPU threads for torch; None: torch's default
 
 
 class Experiment(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(default=0, ge=0)
     notes: str = ""  # copied to the model card (e.g. why a width differs from the paper)
     network: NetworkSettings
     data: DataSettings
     training: TrainingSettings = TrainingSettings()
 
-    def resolved(self, base: Path) -> "Experiment":
+    def resolved(self, base: Path) -> Experiment:
         """The same experiment with its relative paths made relative to `base`."""
 
         def fix(path: Path | None) -> Path | None:
             return path if path is None or path.is_absolute() else base / path
 
-        data = self.data.model_copy(
-            update={"folder": fix(self.data.folder), "node_config": fix(self.data.node_config)}
-        )
+        data = self.data.model_copy(update={"folder": fix(self.data.folder), "node_config": fix(self.data.node_config)})
         training = self.training.model_copy(
             update={"vgg_weights": fix(self.training.vgg_weights), "init_from": fix(self.training.init_from)}
         )
@@ -132,7 +133,7 @@ def apply_override(data: dict, assignment: str) -> dict:
     return result
 
 
-def load_experiment(path: str | Path, overrides: list[str] = ()) -> Experiment:
+def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
     """Read an experiment TOML file, apply `--set` overrides, validate, resolve relative paths."""
     path = Path(path)
     try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from safetensors.torch import save
 
@@ -27,7 +28,10 @@ def code_version() -> str:
     try:
         described = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=Path(dicom_node.__file__).parent, capture_output=True, text=True, timeout=10,
+            cwd=Path(dicom_node.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return dicom_node.__version__
@@ -55,7 +59,7 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
         name=name,
         network=experiment.network.name,
         network_options=experiment.network.options,
-        receptive_field_radius=int(net.receptive_field_radius),
+        receptive_field_radius=int(cast(int, net.receptive_field_radius)),
         parameters=checkpoint["parameters"],
         loss=training.loss,
         dose_fraction=data.dose_fraction,
@@ -89,6 +93,6 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
         synthetic_only=data.source == "phantom",
         notes=experiment.notes,
         reproduce=" && ".join(c for c in (checkpoint["command"], command) if c),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     return card.write(out_dir / f"{name}.json")

@@ -35,7 +35,9 @@ COMPOSITES = {"mse+10ssim": {"mse": 1.0, "ssim": 10.0}}
 LOSS_NAMES = ("mse", "mae", "ssim", *PERCEPTUAL_LAYERS, "charbonnier", *COMPOSITES)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, window: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Mean SSIM (Wang et al. 2004) of two [B, C, H, W] batches, as a scalar tensor.
 
     Averaged over the windows that lie wholly inside the image, like the reference code and
@@ -91,7 +93,7 @@ class PerceptualLoss(nn.Module):
     def __init__(self, vgg: VGG16Features, name: str) -> None:
         super().__init__()
         skipped = MAX_POOLS_BEFORE_RELU4_3 if name.endswith("-nopool") else ()
-        layers = vgg.features[: PERCEPTUAL_LAYERS[name] + 1]
+        layers = list(vgg.features.children())[: PERCEPTUAL_LAYERS[name] + 1]
         self.layers = nn.Sequential(*(layer for index, layer in enumerate(layers) if index not in skipped))
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
@@ -144,9 +146,20 @@ def make_loss(
 ) -> WeightedLoss:
     """The loss module for `spec` (a name or {name: weight}); perceptual terms need `vgg_weights`."""
     weights = loss_weights(spec)
-    needs_vgg = any(name in PERCEPTUAL_LAYERS for name in weights)
-    vgg = load_vgg16_features(vgg_weights) if needs_vgg else None
-    simple = {"mse": nn.MSELoss, "mae": nn.L1Loss, "ssim": SSIMLoss, "charbonnier": CharbonnierLoss}
-    terms = {name: PerceptualLoss(vgg, name) if name in PERCEPTUAL_LAYERS else simple[name]() for name in weights}
+    simple: dict[str, type[nn.Module]] = {
+        "mse": nn.MSELoss,
+        "mae": nn.L1Loss,
+        "ssim": SSIMLoss,
+        "charbonnier": CharbonnierLoss,
+    }
+    vgg: VGG16Features | None = None  # loaded once, and only for a perceptual term
+    terms: dict[str, nn.Module] = {}
+    for name in weights:
+        if name in PERCEPTUAL_LAYERS:
+            if vgg is None:
+                vgg = load_vgg16_features(vgg_weights)
+            terms[name] = PerceptualLoss(vgg, name)
+        else:
+            terms[name] = simple[name]()
     loss = WeightedLoss(terms, weights)
     return loss if device is None else loss.to(device)

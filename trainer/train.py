@@ -238,19 +238,31 @@ def train(
                 f"validation loss {row['val_loss']:.5g}, PSNR {row['val_psnr']:.2f} dB, "
                 f"SSIM {row['val_ssim']:.4f} ({row['seconds']:.1f} s)"
             )
-        _save_checkpoint(checkpoint_path, {
-            **state, "epoch": epoch, "history": history,
-            "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-            "optimizer": optimiser.state_dict(), "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(),
-        })
+        _save_checkpoint(
+            checkpoint_path,
+            {
+                **state,
+                "epoch": epoch,
+                "history": history,
+                "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "optimizer": optimiser.state_dict(),
+                "scheduler": schedule.state_dict(),
+                "scaler": scaler.state_dict(),
+            },
+        )
         write_curves(out_dir, history)
     return TrainResult(checkpoint_path, history)
 
 
 def _row(epoch: int, learning_rate: float, train_loss: float, metrics: dict, seconds: float) -> dict:
     return {
-        "epoch": epoch, "learning_rate": learning_rate, "train_loss": train_loss,
-        "val_loss": metrics["loss"], "val_psnr": metrics["psnr"], "val_ssim": metrics["ssim"], "seconds": seconds,
+        "epoch": epoch,
+        "learning_rate": learning_rate,
+        "train_loss": train_loss,
+        "val_loss": metrics["loss"],
+        "val_psnr": metrics["psnr"],
+        "val_ssim": metrics["ssim"],
+        "seconds": seconds,
     }
 
 

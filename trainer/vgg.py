@@ -34,11 +34,11 @@ class VGG16Features(nn.Module):
         layers: list[nn.Module] = []
         channels = 3
         for item in VGG16_LAYOUT:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
+            if isinstance(item, int):
                 layers += [nn.Conv2d(channels, item, 3, padding=1), nn.ReLU()]
                 channels = item
+            else:  # "M"
+                layers.append(nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,9 @@ def load_vgg16_features(path: Path | str | None) -> VGG16Features:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ConfigurationError(f"{path} is not a readable torch state dict ({error}). {WHERE_TO_GET_WEIGHTS}") from error
+        raise ConfigurationError(
+            f"{path} is not a readable torch state dict ({error}). {WHERE_TO_GET_WEIGHTS}"
+        ) from error
     if not isinstance(state, dict):
         raise ConfigurationError(f"{path} holds a {type(state).__name__}, not a state dict. {WHERE_TO_GET_WEIGHTS}")
     with torch.device("meta"):  # no time spent initialising weights that are replaced at once

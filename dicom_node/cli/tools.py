@@ -153,5 +153,5 @@ def demo(
                         realisations=realisations, say=typer.echo)
     except OSError as exc:
         raise ConfigurationError(f"cannot write to {outdir}: {exc.strerror or exc}") from None
-    typer.echo(markdown_table(rows))
+    typer.echo(markdown_table(rows), nl=False)
     typer.echo(f"report: {outdir / 'report.md'}")

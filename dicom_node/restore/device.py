@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DEVICE_NAMES = ("auto", "cuda", "cpu")
 
 
-def select_device(name: str) -> "torch.device":
+def select_device(name: str) -> torch.device:
     """The torch device for a configured name: auto, cuda or cpu."""
     import torch
 
@@ -36,7 +36,7 @@ def select_device(name: str) -> "torch.device":
     return torch.device(name)
 
 
-def autocast_dtype(device: "torch.device | str") -> "torch.dtype | None":
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype on `device`: bfloat16 (or float16 without bf16 support) on CUDA; None on the CPU."""
     import torch
 
@@ -45,7 +45,7 @@ def autocast_dtype(device: "torch.device | str") -> "torch.dtype | None":
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: "torch.device | str") -> contextlib.AbstractContextManager:
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA (`autocast_dtype`), nothing on the CPU."""
     import torch
 
@@ -55,7 +55,7 @@ def autocast(device: "torch.device | str") -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def needs_grad_scaler(device: "torch.device | str") -> bool:
+def needs_grad_scaler(device: torch.device | str) -> bool:
     """True only when training on `device` autocasts to float16 (whose small gradients underflow)."""
     import torch
 

@@ -162,8 +162,16 @@ def evaluate_group(
 
 
 RECORD_FIELDS = (
-    "method", "mnse_pct", "rn_pct", "b2_pct", "exact_mnse_pct", "exact_rn_pct", "exact_b2_pct",
-    "mean_snr", "calcification_retention", "seconds_per_image",
+    "method",
+    "mnse_pct",
+    "rn_pct",
+    "b2_pct",
+    "exact_mnse_pct",
+    "exact_rn_pct",
+    "exact_b2_pct",
+    "mean_snr",
+    "calcification_retention",
+    "seconds_per_image",
 )
 
 
@@ -172,9 +180,14 @@ def figures_record(row: GroupFigures) -> dict[str, str | float]:
     p, e = row.protocol, row.exact
     return {
         "method": row.method,
-        "mnse_pct": 100 * p.mnse, "rn_pct": 100 * p.rn, "b2_pct": 100 * p.b2,
-        "exact_mnse_pct": 100 * e.mnse, "exact_rn_pct": 100 * e.rn, "exact_b2_pct": 100 * e.b2,
-        "mean_snr": row.mean_snr, "calcification_retention": row.calcification_retention,
+        "mnse_pct": 100 * p.mnse,
+        "rn_pct": 100 * p.rn,
+        "b2_pct": 100 * p.b2,
+        "exact_mnse_pct": 100 * e.mnse,
+        "exact_rn_pct": 100 * e.rn,
+        "exact_b2_pct": 100 * e.b2,
+        "mean_snr": row.mean_snr,
+        "calcification_retention": row.calcification_retention,
         "seconds_per_image": row.seconds_per_image,
     }
 

@@ -8,16 +8,16 @@ a modality could have sent; `run_demo` pushes a half-dose phantom study through 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from dicom_node.config import Config
-from dicom_node.files import write_atomically
-from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
 from dicom_node.detectors import detector_noise
 from dicom_node.errors import InputRefused
+from dicom_node.files import write_atomically
+from dicom_node.imaging import raw_mammogram_dataset, read_mammogram, save_dataset
 from dicom_node.pipeline.processing import Plan, restore_mammogram
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.sim.acquisition import acquire
@@ -171,11 +171,6 @@ def run_demo(
     ]
     _write_report(outdir, rows, dose_fraction, realisations)
     return rows
-
-
-def format_table(rows: list[GroupFigures]) -> str:
-    """The evaluation table (`dicom_node.sim.evaluation.markdown_table`), without a trailing newline."""
-    return markdown_table(rows).rstrip("\n")
 
 
 def _write_report(outdir: Path, rows: list[GroupFigures], dose_fraction: float, realisations: int) -> None:

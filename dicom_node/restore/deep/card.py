@@ -64,7 +64,7 @@ class ModelCard:
         return Normalisation.from_dict(self.normalisation)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "model card") -> "ModelCard":
+    def from_dict(cls, data: Any, source: str = "model card") -> ModelCard:
         """A card from parsed JSON; `source` ("model card PATH") starts each error message."""
         if not isinstance(data, dict):
             raise ConfigurationError(f"{source} must hold a JSON object")
@@ -84,7 +84,7 @@ class ModelCard:
         return cls(**{**values, "dose_fraction": dose_fraction}, extra=extra)
 
     @classmethod
-    def read(cls, path: Path) -> "ModelCard":
+    def read(cls, path: Path) -> ModelCard:
         """The card in the JSON file `path`, checked for what the node relies on."""
         path = Path(path)
         try:

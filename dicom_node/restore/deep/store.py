@@ -47,7 +47,7 @@ def read_card(model_dir: Path, name: str) -> ModelCard:
     return ModelCard.read(path)
 
 
-def load_model(model_dir: Path, name: str) -> tuple["torch.nn.Module", ModelCard]:
+def load_model(model_dir: Path, name: str) -> tuple[torch.nn.Module, ModelCard]:
     """(network in eval mode on the CPU, card) of model `name`, its weights checked against the card."""
     from safetensors.torch import load_file
 
@@ -66,11 +66,13 @@ def load_model(model_dir: Path, name: str) -> tuple["torch.nn.Module", ModelCard
         net.load_state_dict(load_file(weights), strict=True)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
-        raise ConfigurationError(f"weights of model {name!r} do not fit network {card.network!r}: {first_line}") from None
+        raise ConfigurationError(
+            f"weights of model {name!r} do not fit network {card.network!r}: {first_line}"
+        ) from None
     return net.eval(), card
 
 
-def _build_network(name: str, options: dict[str, Any]) -> "torch.nn.Module":
+def _build_network(name: str, options: dict[str, Any]) -> torch.nn.Module:
     from dicom_node.restore.networks import build_network
 
     try:
@@ -97,7 +99,9 @@ def resolve_model(model_dir: Path, name: str | None, dose_fraction: float) -> st
     fitting = [n for n, card in cards.items() if abs(card.dose_fraction - dose_fraction) <= DOSE_TOLERANCE]
     if not fitting:
         available = ", ".join(f"{card.dose_fraction:g} ({n})" for n, card in cards.items()) or "none"
-        raise ConfigurationError(f"no default model for dose fraction {dose_fraction:g} in {model_dir}; available: {available}")
+        raise ConfigurationError(
+            f"no default model for dose fraction {dose_fraction:g} in {model_dir}; available: {available}"
+        )
     return max(fitting, key=lambda n: (_created(cards[n]), n))
 
 
@@ -109,9 +113,7 @@ def _created(card: ModelCard) -> float:
 
 
 @lru_cache(maxsize=8)
-def cached_model(model_dir: str, name: str, device: str, modified_ns: int) -> tuple["torch.nn.Module", ModelCard]:
+def cached_model(model_dir: str, name: str, device: str, modified_ns: int) -> tuple[torch.nn.Module, ModelCard]:
     """One load per model, device and weights file version in a process (a worker loads once)."""
     net, card = load_model(Path(model_dir), name)
     return net.to(device), card
-
-

@@ -5,7 +5,7 @@ Torch is imported inside the functions, so importing this module stays cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 
 
 def tiled_inference(
-    net: "torch.nn.Module",
+    net: torch.nn.Module,
     image: np.ndarray,
     *,
     tile: int = 512,
     margin: int | None = None,
     batch: int = 4,
-    device: "torch.device | str | None" = None,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Apply a fully convolutional `net` to a 2-D image tile by tile; equals one whole-image pass.
 
@@ -35,7 +35,7 @@ def tiled_inference(
     """
     import torch
 
-    radius = int(net.receptive_field_radius)
+    radius = int(cast(int, net.receptive_field_radius))  # every network of the registry declares it
     margin = radius if margin is None else margin
     if margin < radius:
         raise ValueError(f"margin {margin} px is below the network's receptive-field radius {radius} px")
@@ -47,14 +47,16 @@ def tiled_inference(
     if image.ndim != 2:
         raise ValueError(f"tiled_inference needs a 2-D image, got shape {image.shape}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
-    tiles = [(rows, cols) for rows in _spans(image.shape[0], tile, margin) for cols in _spans(image.shape[1], tile, margin)]
+    tiles = [
+        (rows, cols) for rows in _spans(image.shape[0], tile, margin) for cols in _spans(image.shape[1], tile, margin)
+    ]
     output = np.full_like(image, np.nan)  # a pixel no tile covered would show
     with torch.inference_mode(), autocast(device):
         for first in range(0, len(tiles), batch):
             group = tiles[first : first + batch]
             windows = np.stack([image[rows.window, cols.window] for rows, cols in group])[:, None]
             result = net(torch.from_numpy(windows).to(device)).float().cpu().numpy()[:, 0]
-            for (rows, cols), out in zip(group, result):
+            for (rows, cols), out in zip(group, result, strict=True):
                 output[rows.core, cols.core] = out[rows.kept, cols.kept]
     return output
 
@@ -77,4 +79,3 @@ def _spans(length: int, tile: int, margin: int) -> list[_Span]:
         window_start = min(max(start - margin, 0), length - tile)
         spans.append(_Span(window_start, window_start + tile, start, min(start + core, length)))
     return spans
-
