@@ -21,7 +21,11 @@ def synthetic_raw(rows: int, cols: int, noise: NoiseModel, rng: np.random.Genera
     r, c = np.mgrid[0:rows, 0:cols]
     inside = ((r - rows / 2) / (0.45 * rows)) ** 2 + (c / (0.55 * cols)) ** 2 < 1
     signal = np.where(inside, 600 + 150 * np.sin(r / 20) * np.cos(c / 25), 4000.0)
-    return noise.gain * rng.poisson(0.5 * signal / noise.gain) + rng.normal(0, noise.electronic_noise, signal.shape) + noise.offset
+    return (
+        noise.gain * rng.poisson(0.5 * signal / noise.gain)
+        + rng.normal(0, noise.electronic_noise, signal.shape)
+        + noise.offset
+    )
 
 
 def timed(denoise, image: np.ndarray) -> float:

@@ -64,7 +64,7 @@ class Source(_Strict):
     def _valid_networks(cls, hosts: list[str]) -> list[str]:
         for host in hosts:
             try:
-                ipaddress.ip_network(host, strict=False)
+                ipaddress.ip_network(host, strict=True)
             except ValueError:
                 raise ValueError(f"{host!r} is not an IP address or CIDR network") from None
         return hosts
@@ -79,7 +79,7 @@ class Destination(_Strict):
     timeout_s: float = Field(120, gt=0)  # watchdog: the longest one send may take
 
     @model_validator(mode="after")
-    def _either_network_or_folder(self) -> "Destination":
+    def _either_network_or_folder(self) -> Destination:
         network = (self.ae_title, self.host, self.port)
         if self.folder is not None:
             if any(v is not None for v in network):
@@ -161,7 +161,7 @@ class Config(_Strict):
     path: Path | None = Field(None, exclude=True)  # the file it came from (None: embedded defaults)
 
     @model_validator(mode="after")
-    def _references_resolve(self) -> "Config":
+    def _references_resolve(self) -> Config:
         names = [d.name for d in self.destinations]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

@@ -33,11 +33,13 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog: str, obj: Any = N
     except NodeError as exc:
         print(f"{label}: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+    except Exception as exc:
         if os.environ.get("DICOM_NODE_DEBUG"):
             raise
-        print(f"{label}: internal error: {type(exc).__name__}: {exc} (set DICOM_NODE_DEBUG=1 for details)",
-              file=sys.stderr)
+        print(
+            f"{label}: internal error: {type(exc).__name__}: {exc} (set DICOM_NODE_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -49,6 +51,7 @@ def parse_size(text: str, minimum: int = 32, maximum: int = 8192) -> tuple[int, 
     except ValueError:
         raise typer.BadParameter(f"must look like 1024x832, got {text!r}", param_hint="--size") from None
     if not (minimum <= rows <= maximum and minimum <= cols <= maximum):
-        raise typer.BadParameter(f"must be between {minimum} and {maximum} pixels a side, got {text}",
-                                 param_hint="--size")
+        raise typer.BadParameter(
+            f"must be between {minimum} and {maximum} pixels a side, got {text}", param_hint="--size"
+        )
     return rows, cols

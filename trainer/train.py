@@ -77,7 +77,7 @@ def load_initial_weights(net: torch.nn.Module, path: Path, prefix: str = "") -> 
     """Start from another model's weights, e.g. a perceptual-loss network from an MAE network,
     or (with `prefix`) a cascade's first stage from a trained single network."""
     state = {prefix + key: value for key, value in read_state_dict(path).items()}
-    result = net.load_state_dict(state, strict=False)
+    result = net.load_state_dict(state, strict=True)
     missing = [k for k in result.missing_keys if k.startswith(prefix)]
     if result.unexpected_keys or missing:
         wrong = (result.unexpected_keys or missing)[0]

@@ -25,8 +25,19 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-for command in (node.serve, node.worker, node.echo, node.selftest, jobs.jobs, jobs.retry, jobs.cancel,
-                tools.process, tools.phantom, tools.calibrate, tools.demo):
+for command in (
+    node.serve,
+    node.worker,
+    node.echo,
+    node.selftest,
+    jobs.jobs,
+    jobs.retry,
+    jobs.cancel,
+    tools.process,
+    tools.phantom,
+    tools.calibrate,
+    tools.demo,
+):
     app.command()(command)
 app.command("check-config")(node.check_config)
 

@@ -15,7 +15,9 @@ from dicom_node.config import Config, load_config
 
 ConfigOption = Annotated[
     Optional[Path],
-    typer.Option("--config", "-c", help="Configuration file (TOML); default $DICOM_NODE_CONFIG, else the embedded defaults."),
+    typer.Option(
+        "--config", "-c", help="Configuration file (TOML); default $DICOM_NODE_CONFIG, else the embedded defaults."
+    ),
 ]
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Optional
 
 import typer
@@ -20,12 +20,14 @@ def parse_since(since: str | None) -> datetime | None:
         return None
     units = {"m": "minutes", "h": "hours", "d": "days"}
     if since[-1:] in units and since[:-1].replace(".", "", 1).isdigit():
-        return datetime.now(timezone.utc) - timedelta(**{units[since[-1]]: float(since[:-1])})
+        return datetime.now(UTC) - timedelta(**{units[since[-1]]: float(since[:-1])})
     try:
         moment = datetime.fromisoformat(since)
     except ValueError:
-        raise typer.BadParameter(f"must be like 30m, 12h, 2d or an ISO date, got {since!r}", param_hint="--since") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        raise typer.BadParameter(
+            f"must be like 30m, 12h, 2d or an ISO date, got {since!r}", param_hint="--since"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def jobs(
@@ -40,8 +42,9 @@ def jobs(
 
     cfg = load_config(config)
     if status is not None and status not in {s.value for s in JobStatus}:
-        raise typer.BadParameter(f"must be one of {', '.join(s.value for s in JobStatus)}, got {status!r}",
-                                 param_hint="--status")
+        raise typer.BadParameter(
+            f"must be one of {', '.join(s.value for s in JobStatus)}, got {status!r}", param_hint="--status"
+        )
     found = JobLog(cfg.database_url).list_jobs(status=status, since=parse_since(since), limit=limit)
     if as_json:
         print_json([asdict(job) for job in found])
@@ -49,8 +52,10 @@ def jobs(
     for job in found:
         received = job.received_at.strftime("%Y-%m-%d %H:%M:%S") if job.received_at else "-"
         error = f"  {job.last_error}" if job.last_error and job.status != "done" else ""
-        typer.echo(f"{job.id:>6}  {received}  {str(job.status):<10} {job.calling_ae or '-':<16} "
-                   f"{job.profile or '-':<12} {job.sop_instance_uid}{error}")
+        typer.echo(
+            f"{job.id:>6}  {received}  {str(job.status):<10} {job.calling_ae or '-':<16} "
+            f"{job.profile or '-':<12} {job.sop_instance_uid}{error}"
+        )
     if not found:
         typer.echo("no jobs", err=True)
 

@@ -18,7 +18,10 @@ def process(
     input_path: Annotated[Path, typer.Argument(metavar="IN.dcm", help="Raw MG For Processing image.")],
     output_path: Annotated[Path, typer.Argument(metavar="OUT.dcm", help="Where to write the derived image.")],
     dose_fraction: Annotated[
-        float, typer.Option("--dose-fraction", help="Input dose relative to the target dose (0.5: half dose restored to full).")
+        float,
+        typer.Option(
+            "--dose-fraction", help="Input dose relative to the target dose (0.5: half dose restored to full)."
+        ),
     ],
     pipeline: Annotated[str, typer.Option("--pipeline", help="Restorer name.")] = "gat-bm3d",
     gain: Annotated[Optional[float], typer.Option("--gain", help="Quantum gain λ (ADU).")] = None,
@@ -30,7 +33,8 @@ def process(
         Optional[str], typer.Option(help="deep: model name in the model directory (default: the one for this dose).")
     ] = None,
     blend: Annotated[
-        Optional[str], typer.Option(help="gat-bm3d blend: plain (smallest bias) or noise-aware (full-dose noise level).")
+        Optional[str],
+        typer.Option(help="gat-bm3d blend: plain (smallest bias) or noise-aware (full-dose noise level)."),
     ] = None,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with timings and QC.")] = False,
@@ -54,9 +58,13 @@ def process(
     timings = {"read": read_s, **processed.timings, "write": time.perf_counter() - write_started}
     timings["total"] = time.perf_counter() - started
     if as_json:
-        print_json({"input": str(input_path), "output": str(output_path), **report(processed, plan), "timings_s": timings})
+        print_json(
+            {"input": str(input_path), "output": str(output_path), **report(processed, plan), "timings_s": timings}
+        )
         return
-    typer.echo(f"wrote {output_path} ({pipeline}, dose fraction {dose_fraction:g}, noise from {processed.noise_source})")
+    typer.echo(
+        f"wrote {output_path} ({pipeline}, dose fraction {dose_fraction:g}, noise from {processed.noise_source})"
+    )
     typer.echo("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     typer.echo("qc: " + ", ".join(f"{k} {v:.4g}" for k, v in processed.qc.items()))
 
@@ -66,11 +74,16 @@ def phantom(
     seed: Annotated[int, typer.Option(help="Phantom and noise seed (deterministic).")] = 0,
     size: Annotated[str, typer.Option(help="Rows x columns.")] = "1024x832",
     dose: Annotated[
-        Optional[list[float]], typer.Option(help="Dose fraction of an acquisition; repeat for several (default 1 and 0.5).")
+        Optional[list[float]],
+        typer.Option(help="Dose fraction of an acquisition; repeat for several (default 1 and 0.5)."),
     ] = None,
     repeats: Annotated[int, typer.Option(help="Acquisitions per dose (or per exposure with --flat-field).")] = 1,
-    detector: Annotated[str, typer.Option(help="Detector entry of the configuration whose noise model to simulate.")] = "SIM-0001",
-    flat_field: Annotated[bool, typer.Option("--flat-field", help="Write flat-field exposures for `calibrate` instead.")] = False,
+    detector: Annotated[
+        str, typer.Option(help="Detector entry of the configuration whose noise model to simulate.")
+    ] = "SIM-0001",
+    flat_field: Annotated[
+        bool, typer.Option("--flat-field", help="Write flat-field exposures for `calibrate` instead.")
+    ] = False,
     exposure: Annotated[
         Optional[list[float]], typer.Option(help="With --flat-field: exposure in mAs; repeat for several.")
     ] = None,
@@ -86,8 +99,13 @@ def phantom(
     try:
         if flat_field:
             paths = write_flat_fields(
-                outdir, noise, exposures_mas=exposure or (25.0, 50.0, 100.0, 150.0), repeats=max(repeats, 2),
-                shape=shape, seed=seed, detector=detector,
+                outdir,
+                noise,
+                exposures_mas=exposure or (25.0, 50.0, 100.0, 150.0),
+                repeats=max(repeats, 2),
+                shape=shape,
+                seed=seed,
+                detector=detector,
             )
             typer.echo(f"wrote {len(paths)} flat fields to {outdir}")
             return
@@ -101,11 +119,15 @@ def phantom(
 
 
 def calibrate(
-    flat_fields: Annotated[list[Path], typer.Argument(metavar="FLAT.dcm...", help="Raw flat-field images at 2+ exposures.")],
+    flat_fields: Annotated[
+        list[Path], typer.Argument(metavar="FLAT.dcm...", help="Raw flat-field images at 2+ exposures.")
+    ],
     serial: Annotated[
         Optional[str], typer.Option(help="Detector entry name; default the images' Device Serial Number.")
     ] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Write the [detectors.SERIAL] entry here (default stdout).")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Write the [detectors.SERIAL] entry here (default stdout).")
+    ] = None,
     gain_map: Annotated[
         Optional[Path], typer.Option("--gain-map", help="Also save the per-pixel gain map (.npy) here.")
     ] = None,
@@ -117,10 +139,13 @@ def calibrate(
     calibration = calibrate_files(flat_fields, serial)
     map_entry = save_gain_map(calibration, gain_map, output) if gain_map is not None else None
     result = calibration.result
-    for exp, mean, var in zip(result.exposures, result.means, result.variances):
+    for exp, mean, var in zip(result.exposures, result.means, result.variances, strict=True):
         typer.echo(f"{exp:g} mAs: mean {mean:.1f} ADU above offset, noise variance {var:.2f} ADU²", err=True)
-    typer.echo(f"fit r²: offset {result.offset_fit_r2:.4f}, variance {result.variance_fit_r2:.4f}"
-               + (" (σe² came out negative and was set to 0)" if result.electronic_noise_clamped else ""), err=True)
+    typer.echo(
+        f"fit r²: offset {result.offset_fit_r2:.4f}, variance {result.variance_fit_r2:.4f}"
+        + (" (σe² came out negative and was set to 0)" if result.electronic_noise_clamped else ""),
+        err=True,
+    )
     text = calibration.toml(map_entry)
     if output:
         write_atomically(output, text.encode(), mode=0o644)
@@ -133,24 +158,34 @@ def demo(
     outdir: Annotated[Path, typer.Argument(help="Folder for the demo's files and report.")] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Phantom and noise seed.")] = 0,
     size: Annotated[str, typer.Option(help="Rows x columns.")] = "768x624",
-    dose_fraction: Annotated[float, typer.Option("--dose-fraction", help="Dose of the simulated low-dose images.")] = 0.5,
+    dose_fraction: Annotated[
+        float, typer.Option("--dose-fraction", help="Dose of the simulated low-dose images.")
+    ] = 0.5,
     realisations: Annotated[int, typer.Option(help="Low-dose acquisitions to restore (≥ 2).")] = 3,
     config: ConfigOption = None,
 ) -> None:
     """Restore a synthetic half-dose phantom and compare it with full dose and the truth."""
-    from dicom_node.tools.demo import run_demo
     from dicom_node.sim.evaluation import markdown_table
+    from dicom_node.tools.demo import run_demo
 
     if realisations < 2:
-        raise typer.BadParameter("must be at least 2 (residual noise needs repeated acquisitions)",
-                                 param_hint="--realisations")
+        raise typer.BadParameter(
+            "must be at least 2 (residual noise needs repeated acquisitions)", param_hint="--realisations"
+        )
     if not 0 < dose_fraction <= 1:
         raise typer.BadParameter(f"must be in (0, 1], got {dose_fraction:g}", param_hint="--dose-fraction")
     cfg = load_runnable_config(config)
     typer.echo(f"phantom {size}, {realisations} acquisitions at {dose_fraction * 100:g}% dose → {outdir}")
     try:
-        rows = run_demo(outdir, cfg, seed=seed, shape=parse_size(size), dose_fraction=dose_fraction,
-                        realisations=realisations, say=typer.echo)
+        rows = run_demo(
+            outdir,
+            cfg,
+            seed=seed,
+            shape=parse_size(size),
+            dose_fraction=dose_fraction,
+            realisations=realisations,
+            say=typer.echo,
+        )
     except OSError as exc:
         raise ConfigurationError(f"cannot write to {outdir}: {exc.strerror or exc}") from None
     typer.echo(markdown_table(rows), nl=False)

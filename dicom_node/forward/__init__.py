@@ -3,5 +3,12 @@
 from dicom_node.forward.destinations import Destination, FolderDestination, NetworkDestination, make_destination
 from dicom_node.forward.scu import SendResult, echo, send_file
 
-__all__ = ["Destination", "FolderDestination", "NetworkDestination", "SendResult", "echo", "make_destination",
-           "send_file"]
+__all__ = [
+    "Destination",
+    "FolderDestination",
+    "NetworkDestination",
+    "SendResult",
+    "echo",
+    "make_destination",
+    "send_file",
+]

@@ -59,12 +59,19 @@ class NetworkDestination:
     timeout_s: float
 
     def send(self, path: Path) -> SendResult:
-        return scu.send_file(path, ae_title=self.ae_title, host=self.host, port=self.port,
-                             calling_ae=self.calling_ae, timeout_s=self.timeout_s)
+        return scu.send_file(
+            path,
+            ae_title=self.ae_title,
+            host=self.host,
+            port=self.port,
+            calling_ae=self.calling_ae,
+            timeout_s=self.timeout_s,
+        )
 
     def echo(self) -> SendResult:
-        return scu.echo(ae_title=self.ae_title, host=self.host, port=self.port,
-                        calling_ae=self.calling_ae, timeout_s=self.timeout_s)
+        return scu.echo(
+            ae_title=self.ae_title, host=self.host, port=self.port, calling_ae=self.calling_ae, timeout_s=self.timeout_s
+        )
 
     def describe(self) -> str:
         return f"{self.name} (DICOM {self.ae_title}@{self.host}:{self.port})"
@@ -131,7 +138,6 @@ def make_destination(cfg: config.Destination, calling_ae: str, *, base_dir: Path
         folder = cfg.folder if base_dir is None else base_dir / cfg.folder
         return FolderDestination(cfg.name, folder)
     return NetworkDestination(cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s)
-
 
 
 def destination_named(config: Config, name: str) -> Destination:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_node.config import Config
@@ -47,7 +47,9 @@ class Dispatcher:
         job = self.joblog.get_job(delivery.job_id)
         destination = self.destinations.get(delivery.destination)
         if destination is None:
-            result = SendResult(False, False, None, f"destination {delivery.destination!r} is no longer configured", 0.0)
+            result = SendResult(
+                False, False, None, f"destination {delivery.destination!r} is no longer configured", 0.0
+            )
         else:
             path = Path(job.derived_path if delivery.kind == "derived" else job.input_path)
             result = destination.send(path)
@@ -57,11 +59,19 @@ class Dispatcher:
             return result
         retry_at = None
         if result.transient:
-            retry_at = next_attempt_at(self.config.retry, delivery.attempts, job.received_at, datetime.now(timezone.utc))
+            retry_at = next_attempt_at(self.config.retry, delivery.attempts, job.received_at, datetime.now(UTC))
         self.joblog.delivery_failed(delivery.id, error=result.message, status=result.status, retry_at=retry_at)
         if retry_at is None:
-            log.error("job %s: %s to %s failed for good: %s", job.id, delivery.kind, delivery.destination, result.message)
+            log.error(
+                "job %s: %s to %s failed for good: %s", job.id, delivery.kind, delivery.destination, result.message
+            )
         else:
-            log.warning("job %s: %s to %s failed (%s); retry at %s", job.id, delivery.kind, delivery.destination,
-                        result.message, retry_at.isoformat(timespec="seconds"))
+            log.warning(
+                "job %s: %s to %s failed (%s); retry at %s",
+                job.id,
+                delivery.kind,
+                delivery.destination,
+                result.message,
+                retry_at.isoformat(timespec="seconds"),
+            )
         return result

@@ -10,6 +10,7 @@ Every outcome is a `SendResult` that tells the retry policy whether trying again
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, STATUS_SUCCESS, STATUS_WARNING
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
 LOG = logging.getLogger(__name__)
 
@@ -78,8 +79,16 @@ def send_file(
     else:
         # Separate contexts, so that a peer taking both lets the file go as it is.
         contexts = [build_context(sop_class, ts) for ts in dict.fromkeys([syntax, ExplicitVRLittleEndian])]
-        result = _exchange(lambda assoc: _store(assoc, dataset, peer), contexts, peer=peer, ae_title=ae_title,
-                           host=host, port=port, calling_ae=calling_ae, timeout_s=timeout_s)
+        result = _exchange(
+            lambda assoc: _store(assoc, dataset, peer),
+            contexts,
+            peer=peer,
+            ae_title=ae_title,
+            host=host,
+            port=port,
+            calling_ae=calling_ae,
+            timeout_s=timeout_s,
+        )
     return replace(result, seconds=time.monotonic() - started)
 
 
@@ -87,8 +96,16 @@ def echo(*, ae_title: str, host: str, port: int, calling_ae: str, timeout_s: flo
     """C-ECHO the peer: is it there, and does it accept us?"""
     started = time.monotonic()
     peer = f"{ae_title}@{host}:{port}"
-    result = _exchange(lambda assoc: _echo(assoc, peer), [build_context(Verification)], peer=peer,
-                       ae_title=ae_title, host=host, port=port, calling_ae=calling_ae, timeout_s=timeout_s)
+    result = _exchange(
+        lambda assoc: _echo(assoc, peer),
+        [build_context(Verification)],
+        peer=peer,
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        calling_ae=calling_ae,
+        timeout_s=timeout_s,
+    )
     return replace(result, seconds=time.monotonic() - started)
 
 
@@ -159,8 +176,9 @@ def _exchange(
 
     def run() -> None:
         try:
-            assoc = ae.associate(host, port, ae_title=ae_title, max_pdu=0,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)])
+            assoc = ae.associate(
+                host, port, ae_title=ae_title, max_pdu=0, evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)]
+            )
             if not assoc.is_established:
                 state["result"] = _not_established(assoc, peer, opened="assoc" in state, host=host, port=port)
                 return
@@ -194,10 +212,8 @@ def _interrupt(assoc: Association | None) -> None:
         return
     sock = getattr(assoc.dul.socket, "socket", None)
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)  # a thread blocked in socket.send gets an error now
-        except OSError:
-            pass
     assoc.dimse.msg_queue.put((None, None))  # read by send_c_store/send_c_echo as "no response"
 
 

@@ -111,14 +111,15 @@ def build_derived(
     ds.InstanceCreationTime = now.strftime("%H%M%S.%f")
     ds.ImageType = ["DERIVED", "PRIMARY", ""]
     ds.DerivationDescription = (
-        f"Restored by dicom-node {node_version}: method {method}, profile {profile}, model {model}. "
-        f"{description}"
+        f"Restored by dicom-node {node_version}: method {method}, profile {profile}, model {model}. {description}"
     ).strip()[:1024]
     ds.DerivationCodeSequence = Sequence([code_item("113087", "DCM", "Smoothing")])
     ds.SourceImageSequence = Sequence([_source_reference(source)])
     ds.ContributingEquipmentSequence = Sequence(
-        [*ds.get("ContributingEquipmentSequence", []), _contribution(method, profile, model, node_version,
-                                                                     station_name, now)]
+        [
+            *ds.get("ContributingEquipmentSequence", []),
+            _contribution(method, profile, model, node_version, station_name, now),
+        ]
     )
 
     ds.BitsAllocated = 16
@@ -171,8 +172,9 @@ def _source_reference(source: Dataset) -> Dataset:
     return item
 
 
-def _contribution(method: str, profile: str, model: str, node_version: str, station_name: str,
-                  now: datetime) -> Dataset:
+def _contribution(
+    method: str, profile: str, model: str, node_version: str, station_name: str, now: datetime
+) -> Dataset:
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = Sequence([code_item("109102", "DCM", "Processing Equipment")])
     item.Manufacturer = "dicom-node"

@@ -47,12 +47,22 @@ LOSSLESS_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 # Syntaxes that may carry irreversibly compressed pixels; named as such in the refusal.
-_LOSSY_TRANSFER_SYNTAXES = frozenset({
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.100",
-    "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.103",
-    "1.2.840.10008.1.2.4.104", "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.106",
-})
+_LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.203",
+        "1.2.840.10008.1.2.4.100",
+        "1.2.840.10008.1.2.4.101",
+        "1.2.840.10008.1.2.4.102",
+        "1.2.840.10008.1.2.4.103",
+        "1.2.840.10008.1.2.4.104",
+        "1.2.840.10008.1.2.4.105",
+        "1.2.840.10008.1.2.4.106",
+    }
+)
 
 Source = str | PathLike | bytes | Dataset
 
@@ -100,8 +110,7 @@ def read_mammogram(source: Source, *, label: str | None = None) -> MammoImage:
     syntax = _transfer_syntax(ds, label)
     _check_pixel_description(ds, sop_class, label)
     pixels = _decode(ds, label)
-    return MammoImage(dataset=ds, pixels=pixels, params=acquisition_params(ds),
-                      transfer_syntax_uid=str(syntax))
+    return MammoImage(dataset=ds, pixels=pixels, params=acquisition_params(ds), transfer_syntax_uid=str(syntax))
 
 
 def acquisition_params(ds: Dataset) -> AcquisitionParams:
@@ -143,8 +152,9 @@ def _parse(source: Source, label: str) -> Dataset:
                 warnings.simplefilter("always")
                 ds = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
         except InvalidDicomError as error:
-            raise InputRefused(f"{label} is not a readable DICOM file: it has no DICOM file header "
-                               "(the 'DICM' prefix is missing)") from error
+            raise InputRefused(
+                f"{label} is not a readable DICOM file: it has no DICOM file header (the 'DICM' prefix is missing)"
+            ) from error
         except Exception as error:  # pydicom raises many kinds on damaged input
             raise InputRefused(f"{label} is not a readable DICOM file: {error or type(error).__name__}") from error
         if any("end of file" in str(warning.message).lower() for warning in caught):
@@ -160,8 +170,11 @@ def _transfer_syntax(ds: Dataset, label: str) -> UID:
         raise InputRefused(f"{label} has no Transfer Syntax UID in its file meta information")
     syntax = UID(syntax)
     if syntax not in LOSSLESS_TRANSFER_SYNTAXES:
-        reason = "which is lossy; this node does not accept it" if syntax in _LOSSY_TRANSFER_SYNTAXES \
+        reason = (
+            "which is lossy; this node does not accept it"
+            if syntax in _LOSSY_TRANSFER_SYNTAXES
             else "which this node does not accept"
+        )
         raise InputRefused(f"{label} uses transfer syntax {syntax.name} ({syntax}), {reason}")
     return syntax
 
@@ -179,16 +192,17 @@ def _check_pixel_description(ds: Dataset, sop_class: UID, label: str) -> None:
     photometric = ds.get("PhotometricInterpretation")
     allowed = ("MONOCHROME2",) if sop_class == MG_FOR_PROCESSING else ("MONOCHROME1", "MONOCHROME2")
     if photometric not in allowed:
-        raise InputRefused(f"{label} has Photometric Interpretation {photometric}; "
-                           f"expected {' or '.join(allowed)} for {sop_class.name}")
+        raise InputRefused(
+            f"{label} has Photometric Interpretation {photometric}; "
+            f"expected {' or '.join(allowed)} for {sop_class.name}"
+        )
 
 
 def _decode(ds: Dataset, label: str) -> np.ndarray:
     try:
         pixels = ds.pixel_array
     except Exception as error:  # decoders raise many kinds on damaged streams
-        raise InputRefused(f"{label} has pixel data that cannot be decoded: {error or type(error).__name__}") \
-            from error
+        raise InputRefused(f"{label} has pixel data that cannot be decoded: {error or type(error).__name__}") from error
     if pixels.shape != (ds.Rows, ds.Columns):
         raise InputRefused(f"{label} decodes to shape {pixels.shape}, not Rows×Columns ({ds.Rows}, {ds.Columns})")
     return pixels.astype(np.uint16, copy=False)

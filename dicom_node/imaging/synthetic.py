@@ -64,12 +64,21 @@ def raw_mammogram_dataset(
     frame = np.ascontiguousarray(pixels, dtype="<u2")
 
     kind = "FLAT FIELD" if flat_field else "RAW"
-    settings = [kind, dose_label, f"{kvp:g}", f"{exposure_mas:g}", f"{thickness_mm:g}",
-                f"{pixel_spacing_mm:g}", detector_serial, station_name]
+    settings = [
+        kind,
+        dose_label,
+        f"{kvp:g}",
+        f"{exposure_mas:g}",
+        f"{thickness_mm:g}",
+        f"{pixel_spacing_mm:g}",
+        detector_serial,
+        station_name,
+    ]
     study_uid = derived_uid("synthetic-study", patient_id, str(seed))
     series_uid = derived_uid("synthetic-series", study_uid, *settings)
-    instance_uid = derived_uid("synthetic-instance", series_uid, laterality, view,
-                               hashlib.sha256(frame.tobytes()).hexdigest())
+    instance_uid = derived_uid(
+        "synthetic-instance", series_uid, laterality, view, hashlib.sha256(frame.tobytes()).hexdigest()
+    )
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"

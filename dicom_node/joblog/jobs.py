@@ -64,21 +64,42 @@ class JobLog:
     # --- receiving -------------------------------------------------------------------------
 
     def record_received(
-        self, *, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
-        sop_class_uid: str, transfer_syntax_uid: str, calling_ae: str, called_ae: str,
-        peer_host: str | None, station_name: str | None, detector_serial: str | None,
-        profile: str, input_path: str,
-        input_sha256: str, input_bytes: int,
+        self,
+        *,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        calling_ae: str,
+        called_ae: str,
+        peer_host: str | None,
+        station_name: str | None,
+        detector_serial: str | None,
+        profile: str,
+        input_path: str,
+        input_sha256: str,
+        input_bytes: int,
     ) -> int:
         """Commit a job for a spooled image; the receiver answers Success only after this."""
         job = Job(
-            sop_instance_uid=sop_instance_uid, study_instance_uid=study_instance_uid,
-            series_instance_uid=series_instance_uid, sop_class_uid=sop_class_uid,
-            transfer_syntax_uid=transfer_syntax_uid, calling_ae=calling_ae, called_ae=called_ae,
-            peer_host=peer_host, station_name=station_name, detector_serial=detector_serial,
-            profile=profile, input_path=input_path,
-            input_sha256=input_sha256, input_bytes=input_bytes,
-            status=JobStatus.received, attempts=0, received_at=utcnow(),
+            sop_instance_uid=sop_instance_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            sop_class_uid=sop_class_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            peer_host=peer_host,
+            station_name=station_name,
+            detector_serial=detector_serial,
+            profile=profile,
+            input_path=input_path,
+            input_sha256=input_sha256,
+            input_bytes=input_bytes,
+            status=JobStatus.received,
+            attempts=0,
+            received_at=utcnow(),
         )
         with self._transaction() as session:
             session.add(job)
@@ -91,8 +112,7 @@ class JobLog:
         """Take the oldest due job: 'received' (past any retry delay) or 'processing' whose lease expired."""
         now = now or utcnow()
         due = or_(
-            and_(Job.status == JobStatus.received,
-                 or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)),
+            and_(Job.status == JobStatus.received, or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)),
             and_(Job.status == JobStatus.processing, Job.lease_expires_at < now),
         )
         with self._transaction() as session:
@@ -123,7 +143,13 @@ class JobLog:
             return result.rowcount == 1
 
     def record_plan(
-        self, job_id: int, worker: str, *, pipeline: str, restorer_options: dict[str, Any], dose_fraction: float,
+        self,
+        job_id: int,
+        worker: str,
+        *,
+        pipeline: str,
+        restorer_options: dict[str, Any],
+        dose_fraction: float,
     ) -> bool:
         """Record how a claimed job will be restored (decided from its profile); False if the lease is lost.
 
@@ -150,9 +176,18 @@ class JobLog:
             setattr(job, f"{STAGES[stage]}_s", duration_s)
 
     def job_processed(
-        self, job_id: int, worker: str, *, derived_path: str, derived_sop_instance_uid: str,
-        qc: dict[str, Any], timings: dict[str, float], device: str, model_digest: str | None,
-        deliveries: Sequence[tuple[str, str]], model_name: str | None = None,
+        self,
+        job_id: int,
+        worker: str,
+        *,
+        derived_path: str,
+        derived_sop_instance_uid: str,
+        qc: dict[str, Any],
+        timings: dict[str, float],
+        device: str,
+        model_digest: str | None,
+        deliveries: Sequence[tuple[str, str]],
+        model_name: str | None = None,
     ) -> bool:
         """Record the derived image and queue one delivery per (destination, kind), due now.
 
@@ -177,8 +212,14 @@ class JobLog:
             job.lease_owner = job.lease_expires_at = None
             job.status = JobStatus.forwarding
             session.add_all(
-                Delivery(job_id=job_id, destination=destination, kind=kind, attempts=0,
-                         status=DeliveryStatus.pending, next_attempt_at=now)
+                Delivery(
+                    job_id=job_id,
+                    destination=destination,
+                    kind=kind,
+                    attempts=0,
+                    status=DeliveryStatus.pending,
+                    next_attempt_at=now,
+                )
                 for destination, kind in deliveries
             )
             session.flush()
@@ -203,7 +244,10 @@ class JobLog:
     # --- forwarding ------------------------------------------------------------------------
 
     def claim_delivery(
-        self, worker: str, lease_s: float, now: datetime | None = None,
+        self,
+        worker: str,
+        lease_s: float,
+        now: datetime | None = None,
     ) -> DeliverySnapshot | None:
         """Take the delivery due first: 'pending' and due, or 'sending' whose lease expired.
 
@@ -212,14 +256,19 @@ class JobLog:
         """
         now = now or utcnow()
         due = or_(
-            and_(Delivery.status == DeliveryStatus.pending,
-                 or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now)),
+            and_(
+                Delivery.status == DeliveryStatus.pending,
+                or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+            ),
             and_(Delivery.status == DeliveryStatus.sending, Delivery.lease_expires_at < now),
         )
         with self._transaction() as session:
             delivery = session.scalars(
-                select(Delivery).join(Job).where(due, Job.status != JobStatus.cancelled)
-                .order_by(Delivery.next_attempt_at, Delivery.id).limit(1)
+                select(Delivery)
+                .join(Job)
+                .where(due, Job.status != JobStatus.cancelled)
+                .order_by(Delivery.next_attempt_at, Delivery.id)
+                .limit(1)
                 .with_for_update(of=Delivery, skip_locked=True)
             ).first()
             if delivery is None:
@@ -243,7 +292,12 @@ class JobLog:
             self._finish_if_delivered(session, self._job(session, delivery.job_id), now)
 
     def delivery_failed(
-        self, delivery_id: int, *, error: str, status: int | None, retry_at: datetime | None,
+        self,
+        delivery_id: int,
+        *,
+        error: str,
+        status: int | None,
+        retry_at: datetime | None,
     ) -> None:
         """Record a failed send: pending again from `retry_at`, or (None) failed for good with its job."""
         with self._transaction() as session:
@@ -273,8 +327,7 @@ class JobLog:
             deliveries = session.execute(
                 update(Delivery)
                 .where(Delivery.status == DeliveryStatus.sending, Delivery.lease_expires_at < now)
-                .values(status=DeliveryStatus.pending, lease_owner=None, lease_expires_at=None,
-                        next_attempt_at=now)
+                .values(status=DeliveryStatus.pending, lease_owner=None, lease_expires_at=None, next_attempt_at=now)
             )
             return jobs.rowcount + deliveries.rowcount
 
@@ -291,16 +344,16 @@ class JobLog:
             if job.status in (JobStatus.received, JobStatus.forwarding):
                 return False
             if job.status not in (JobStatus.failed, JobStatus.cancelled):
-                raise InputRefused(
-                    f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
+                raise InputRefused(f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
             if job.derived_path is None:
                 job.status = JobStatus.received
                 job.next_attempt_at = None
                 return True
             session.execute(
                 update(Delivery)
-                .where(Delivery.job_id == job_id,
-                       Delivery.status.in_([DeliveryStatus.failed, DeliveryStatus.cancelled]))
+                .where(
+                    Delivery.job_id == job_id, Delivery.status.in_([DeliveryStatus.failed, DeliveryStatus.cancelled])
+                )
                 .values(status=DeliveryStatus.pending, next_attempt_at=now, attempts=0)
             )
             job.status = JobStatus.forwarding
@@ -342,7 +395,10 @@ class JobLog:
             return [JobSnapshot.of(job) for job in jobs]
 
     def list_jobs(
-        self, status: JobStatus | str | None = None, since: datetime | None = None, limit: int = 100,
+        self,
+        status: JobStatus | str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
     ) -> list[JobSnapshot]:
         """The newest jobs first, optionally only one status and only those received since `since`."""
         query = select(Job).order_by(Job.id.desc()).limit(limit)
@@ -387,7 +443,8 @@ class JobLog:
         if job.status != JobStatus.forwarding:
             return
         unfinished = session.scalar(
-            select(func.count()).select_from(Delivery)
+            select(func.count())
+            .select_from(Delivery)
             .where(Delivery.job_id == job.id, Delivery.status.not_in(_FINISHED_DELIVERIES))
         )
         if unfinished == 0:

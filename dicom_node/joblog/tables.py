@@ -64,8 +64,13 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _status_type(enum: type[StrEnum], name: str) -> Enum:
     """Plain VARCHAR of the values: new states need no ALTER TYPE on PostgreSQL."""
-    return Enum(enum, name=name, native_enum=False, length=16,
-                values_callable=lambda members: [member.value for member in members])
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+    )
 
 
 class Base(DeclarativeBase):

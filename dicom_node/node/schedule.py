@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -30,7 +30,7 @@ ORPHAN_AGE_S = 24 * 3600.0  # long past any store still between its spool write 
 
 def remove_expired_files(config: Config, joblog: JobLog, now: datetime | None = None) -> int:
     """Delete the files of jobs that finished more than retention_days ago; returns files removed."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=config.node.retention_days)
     removed = 0
     jobs = joblog.list_jobs(limit=None)
@@ -54,12 +54,10 @@ def remove_expired_files(config: Config, joblog: JobLog, now: datetime | None = 
 
 
 def build_scheduler(config: Config, joblog: JobLog, dispatcher: Dispatcher) -> BackgroundScheduler:
-    scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "misfire_grace_time": 30})
+    scheduler = BackgroundScheduler(timezone=UTC, job_defaults={"coalesce": True, "misfire_grace_time": 30})
     scheduler.add_job(
         dispatcher.dispatch_due, "interval", seconds=DISPATCH_EVERY_S, id="dispatch", max_instances=CONCURRENT_SENDS
     )
     scheduler.add_job(joblog.reclaim_expired, "interval", seconds=LEASE_RECOVERY_EVERY_S, id="lease-recovery")
-    scheduler.add_job(
-        remove_expired_files, "interval", hours=RETENTION_EVERY_H, args=(config, joblog), id="retention"
-    )
+    scheduler.add_job(remove_expired_files, "interval", hours=RETENTION_EVERY_H, args=(config, joblog), id="retention")
     return scheduler

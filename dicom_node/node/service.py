@@ -17,8 +17,8 @@ import time
 from dicom_node.config import Config
 from dicom_node.forward.dispatch import Dispatcher
 from dicom_node.joblog import JobLog
-from dicom_node.receive import StorageSCP
 from dicom_node.node.schedule import build_scheduler
+from dicom_node.receive import StorageSCP
 from dicom_node.tools.selftest import with_selftest
 
 log = logging.getLogger("dicom_node.node.service")
@@ -62,11 +62,16 @@ class Node:
         self.workers = [self._start_worker(i) for i in range(self.config.worker.count)]
         log.info(
             "node %s listening on %s:%d with %d workers",
-            self.config.node.ae_title, self.config.node.bind, self.port, len(self.workers),
+            self.config.node.ae_title,
+            self.config.node.bind,
+            self.port,
+            len(self.workers),
         )
 
     def _start_worker(self, index: int) -> multiprocessing.Process:
-        process = self._context.Process(target=_worker_process, args=(self.config,), name=f"worker-{index}", daemon=True)
+        process = self._context.Process(
+            target=_worker_process, args=(self.config,), name=f"worker-{index}", daemon=True
+        )
         process.start()
         return process
 

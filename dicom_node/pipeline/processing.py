@@ -86,10 +86,18 @@ def resolve_noise(
     if overrides.complete():
         assert overrides.gain is not None and overrides.electronic_noise is not None and overrides.offset is not None
         return NoiseModel(overrides.gain, overrides.electronic_noise, overrides.offset), "command line"
-    missing = [flag for flag, value in (("--gain", overrides.gain), ("--electronic-noise", overrides.electronic_noise),
-                                        ("--offset", overrides.offset)) if value is None]
-    model, name = noise_model_for(config, image.params.detector_serial, image.pixels.shape,
-                                  or_else=f"pass {', '.join(missing)}")
+    missing = [
+        flag
+        for flag, value in (
+            ("--gain", overrides.gain),
+            ("--electronic-noise", overrides.electronic_noise),
+            ("--offset", overrides.offset),
+        )
+        if value is None
+    ]
+    model, name = noise_model_for(
+        config, image.params.detector_serial, image.pixels.shape, or_else=f"pass {', '.join(missing)}"
+    )
     model = NoiseModel(
         model.gain if overrides.gain is None else overrides.gain,
         model.electronic_noise if overrides.electronic_noise is None else overrides.electronic_noise,
@@ -119,7 +127,7 @@ def restore_mammogram(
     restoration = restorer.restore(image.pixels.astype(np.float64), noise, plan.dose_fraction)
 
     started = time.perf_counter()
-    top = 2 ** image.params.bits_stored - 1
+    top = 2**image.params.bits_stored - 1
     restored = restoration.image
     provenance = restoration.provenance
     qc = dict(restoration.qc)

@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_node.config import Config
@@ -65,9 +65,7 @@ class _Heartbeat:
     def __init__(self, joblog: JobLog, job_id: int, worker: str, lease_s: float, every_s: float):
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(joblog, job_id, worker, lease_s, every_s), daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, args=(joblog, job_id, worker, lease_s, every_s), daemon=True)
 
     def _run(self, joblog: JobLog, job_id: int, worker: str, lease_s: float, every_s: float) -> None:
         while not self._stop.wait(every_s):
@@ -75,7 +73,7 @@ class _Heartbeat:
                 self.lost = True
                 return
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
         return self
 
@@ -109,9 +107,13 @@ class Worker:
         with _Heartbeat(self.joblog, job.id, self.name, settings.lease_s, settings.heartbeat_s) as beat:
             try:
                 self._process(job)
-            except Exception as exc:  # noqa: BLE001 - every failure ends in a job state, see outcome_of
-                outcome = outcome_of(exc, job, self.config, datetime.now(timezone.utc))
-                when = "failed" if outcome.retry_at is None else f"retry at {outcome.retry_at.isoformat(timespec='seconds')}"
+            except Exception as exc:
+                outcome = outcome_of(exc, job, self.config, datetime.now(UTC))
+                when = (
+                    "failed"
+                    if outcome.retry_at is None
+                    else f"retry at {outcome.retry_at.isoformat(timespec='seconds')}"
+                )
                 log.error("job %s: %s: %s", job.id, when, outcome.error, exc_info=outcome.traceback)
                 self.joblog.job_failed(job.id, self.name, outcome.error, retry_at=outcome.retry_at)
         if beat.lost:
@@ -123,8 +125,13 @@ class Worker:
         if profile is None:
             raise ConfigurationError(f"profile {job.profile!r} is not in the configuration")
         plan = Plan.of_profile(job.profile, profile)  # decided now, recorded, then used as recorded
-        self.joblog.record_plan(job.id, self.name, pipeline=plan.pipeline, restorer_options=dict(plan.options),
-                                dose_fraction=plan.dose_fraction)
+        self.joblog.record_plan(
+            job.id,
+            self.name,
+            pipeline=plan.pipeline,
+            restorer_options=dict(plan.options),
+            dose_fraction=plan.dose_fraction,
+        )
         started = time.perf_counter()
         image = read_mammogram(Path(job.input_path))
         self.joblog.record_stage(job.id, "decoded", time.perf_counter() - started)
@@ -137,7 +144,9 @@ class Worker:
         self.derived_dir.mkdir(parents=True, exist_ok=True)
         derived_path = self.derived_dir / f"{derived_uid}.dcm"
         save_dataset(processed.dataset, derived_path)
-        self.joblog.record_stage(job.id, "derived", processed.timings.get("derive", 0.0) + time.perf_counter() - started)
+        self.joblog.record_stage(
+            job.id, "derived", processed.timings.get("derive", 0.0) + time.perf_counter() - started
+        )
 
         deliveries = [(name, "derived") for name in profile.destinations]
         if profile.forward_original:

@@ -4,5 +4,4 @@ from dicom_node.receive.allowlist import AllowList, Refused, Rejection
 from dicom_node.receive.scp import JobRecord, JobSink, StorageSCP
 from dicom_node.receive.spool import Spool
 
-__all__ = ["AllowList", "JobRecord", "JobSink", "Refused", "Rejection", "Spool",
-           "StorageSCP"]
+__all__ = ["AllowList", "JobRecord", "JobSink", "Refused", "Rejection", "Spool", "StorageSCP"]

@@ -83,10 +83,12 @@ class AllowList:
             raise Refused(CALLING_AE_NOT_RECOGNISED, f"calling AE {calling_ae!r} is not in [[sources]]")
         address = _address(peer_host)
         for source in known:
-            if not source.hosts or (address is not None and any(
-                address in ipaddress.ip_network(host, strict=False) for host in source.hosts
-            )):
+            if not source.hosts or (
+                address is not None and any(address in ipaddress.ip_network(host, strict=True) for host in source.hosts)
+            ):
                 return source.profile
         networks = ", ".join(h for s in known for h in s.hosts)
-        raise Refused(CALLING_AE_NOT_RECOGNISED,
-                      f"calling AE {calling_ae!r} is known but {peer_host} is outside its hosts ({networks})")
+        raise Refused(
+            CALLING_AE_NOT_RECOGNISED,
+            f"calling AE {calling_ae!r} is known but {peer_host} is outside its hosts ({networks})",
+        )

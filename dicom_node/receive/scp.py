@@ -103,10 +103,13 @@ def read_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> Heade
     """
     try:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-        uids = {name: str(ds.get(name, "") or "").strip() for name in
-                ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
-        station_name, detector_serial = (str(ds.get(name, "") or "").strip() or None
-                                         for name in ("StationName", "DeviceSerialNumber"))
+        uids = {
+            name: str(ds.get(name, "") or "").strip()
+            for name in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        }
+        station_name, detector_serial = (
+            str(ds.get(name, "") or "").strip() or None for name in ("StationName", "DeviceSerialNumber")
+        )
     except Exception as exc:
         raise NotUnderstood(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
     for name, uid in uids.items():
@@ -118,8 +121,14 @@ def read_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> Heade
         raise NotUnderstood(DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's")
     if uids["SOPInstanceUID"] != sop_instance_uid:
         raise NotUnderstood(CANNOT_UNDERSTAND, "SOPInstanceUID differs from the request's")
-    return Header(uids["SOPClassUID"], uids["SOPInstanceUID"], uids["StudyInstanceUID"],
-                  uids["SeriesInstanceUID"], station_name, detector_serial)
+    return Header(
+        uids["SOPClassUID"],
+        uids["SOPInstanceUID"],
+        uids["StudyInstanceUID"],
+        uids["SeriesInstanceUID"],
+        station_name,
+        detector_serial,
+    )
 
 
 def _status_name(job: JobRecord) -> str:
@@ -182,8 +191,9 @@ class StorageSCP:
         ]
         self._server = ae.start_server((node.bind, self._requested_port), block=False, evt_handlers=handlers)
         if self.allowlist.is_open:
-            log.warning("no [[sources]] configured: accepting any calling AE, profile %r",
-                        self.allowlist.default_profile)
+            log.warning(
+                "no [[sources]] configured: accepting any calling AE, profile %r", self.allowlist.default_profile
+            )
         log.info("storage SCP %s listening on %s:%d", node.ae_title, node.bind, self.port)
 
     def stop(self, grace_s: float = 10.0) -> None:
@@ -202,7 +212,7 @@ class StorageSCP:
             assoc.abort()
         log.info("storage SCP stopped")
 
-    def __enter__(self) -> "StorageSCP":
+    def __enter__(self) -> StorageSCP:
         self.start()
         return self
 
@@ -225,8 +235,11 @@ class StorageSCP:
         profile = self.allowlist.admit(calling_ae, host)
         free_mb = self._free_mb()
         if free_mb < node.min_free_disk_mb:
-            raise Refused(LOCAL_LIMIT_EXCEEDED, f"{free_mb:.0f} MB free under {self.config.data_dir}, "
-                                                f"below min_free_disk_mb = {node.min_free_disk_mb:g}")
+            raise Refused(
+                LOCAL_LIMIT_EXCEEDED,
+                f"{free_mb:.0f} MB free under {self.config.data_dir}, "
+                f"below min_free_disk_mb = {node.min_free_disk_mb:g}",
+            )
         return profile
 
     def _on_requested(self, event: evt.Event) -> None:
@@ -253,9 +266,15 @@ class StorageSCP:
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejection: in this node only max_associations leads there."""
         reply = event.assoc.acceptor.primitive
-        log.warning("association %s@%s rejected by the association limit (%d): result %d, source %d, reason %d",
-                    event.assoc.requestor.primitive.calling_ae_title.strip(), event.assoc.requestor.address,
-                    self.config.node.max_associations, reply.result, reply.result_source, reply.diagnostic)
+        log.warning(
+            "association %s@%s rejected by the association limit (%d): result %d, source %d, reason %d",
+            event.assoc.requestor.primitive.calling_ae_title.strip(),
+            event.assoc.requestor.address,
+            self.config.node.max_associations,
+            reply.result,
+            reply.result_source,
+            reply.diagnostic,
+        )
 
     def _on_established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -281,29 +300,67 @@ class StorageSCP:
             header = read_header(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
             # Admitted at association time; read again because a store does not carry it along.
             profile_name = self.allowlist.admit(calling_ae, host)
-            job_id = self._accept(header, data, profile_name, calling_ae=calling_ae,
-                                  called_ae=requestor.primitive.called_ae_title.strip(), peer_host=host,
-                                  transfer_syntax_uid=str(event.context.transfer_syntax))
+            job_id = self._accept(
+                header,
+                data,
+                profile_name,
+                calling_ae=calling_ae,
+                called_ae=requestor.primitive.called_ae_title.strip(),
+                peer_host=host,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+            )
         except Exception as exc:
             code, comment = store_failure_status(exc)
             if isinstance(exc, NodeError):  # foreseen: the reason is the message, no traceback
-                log.warning("C-STORE %s from %s@%s refused 0x%04X: %s", request.AffectedSOPInstanceUID,
-                            calling_ae, host, code, exc)
+                log.warning(
+                    "C-STORE %s from %s@%s refused 0x%04X: %s",
+                    request.AffectedSOPInstanceUID,
+                    calling_ae,
+                    host,
+                    code,
+                    exc,
+                )
             else:
-                log.exception("C-STORE %s from %s@%s failed 0x%04X: the image is not safe",
-                              request.AffectedSOPInstanceUID, calling_ae, host, code)
+                log.exception(
+                    "C-STORE %s from %s@%s failed 0x%04X: the image is not safe",
+                    request.AffectedSOPInstanceUID,
+                    calling_ae,
+                    host,
+                    code,
+                )
             return _status(code, comment)
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if job_id is None:
-            log.info("C-STORE %s from %s@%s: identical duplicate, no new job (%.1f ms)",
-                     header.sop_instance_uid, calling_ae, host, elapsed_ms)
+            log.info(
+                "C-STORE %s from %s@%s: identical duplicate, no new job (%.1f ms)",
+                header.sop_instance_uid,
+                calling_ae,
+                host,
+                elapsed_ms,
+            )
         else:
-            log.info("C-STORE %s from %s@%s: job %d, %d bytes, %.1f ms",
-                     header.sop_instance_uid, calling_ae, host, job_id, len(data), elapsed_ms)
+            log.info(
+                "C-STORE %s from %s@%s: job %d, %d bytes, %.1f ms",
+                header.sop_instance_uid,
+                calling_ae,
+                host,
+                job_id,
+                len(data),
+                elapsed_ms,
+            )
         return SUCCESS
 
-    def _accept(self, header: Header, data: bytes, profile_name: str, *, calling_ae: str, called_ae: str,
-                peer_host: str, transfer_syntax_uid: str) -> int | None:
+    def _accept(
+        self,
+        header: Header,
+        data: bytes,
+        profile_name: str,
+        *,
+        calling_ae: str,
+        called_ae: str,
+        peer_host: str,
+        transfer_syntax_uid: str,
+    ) -> int | None:
         """Spool and record one image; the job id, or None for an identical duplicate.
 
         Raises on any spool or job-log failure, leaving no spooled file behind.
@@ -338,5 +395,7 @@ class StorageSCP:
         """ignore-identical: the same bytes already have a live job (not failed or cancelled)."""
         if self.config.node.duplicate_policy != "ignore-identical":
             return False
-        return any(job.input_sha256 == sha256 and _status_name(job) not in ("failed", "cancelled")
-                   for job in self.sink.find_by_sop_instance(sop_instance_uid))
+        return any(
+            job.input_sha256 == sha256 and _status_name(job) not in ("failed", "cancelled")
+            for job in self.sink.find_by_sop_instance(sop_instance_uid)
+        )

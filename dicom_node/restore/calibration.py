@@ -9,8 +9,8 @@ variance. Repeats at one exposure help more: their difference cancels the fixed 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -176,7 +176,7 @@ def _noise_fields(group: np.ndarray) -> list[np.ndarray]:
     used as it is. The high-pass's loss of white-noise variance is corrected exactly.
     """
     if len(group) >= 2:
-        fields = [(a - b) / np.sqrt(2) for a, b in zip(group[0::2], group[1::2])]
+        fields = [(a - b) / np.sqrt(2) for a, b in zip(group[0::2], group[1::2], strict=False)]  # an odd repeat left over is unused
     else:
         fields = [group[0]]
     return [_high_pass(f) / np.sqrt(_high_pass_gain()) for f in fields]
@@ -209,7 +209,7 @@ def _gain_map(
     window = min(_LOCAL_WINDOW, *shape)
     weights = (means / variances) ** 2
     local_gain = np.zeros(shape)
-    for weight, mean_image, fields in zip(weights, mean_images, noise_fields):
+    for weight, mean_image, fields in zip(weights, mean_images, noise_fields, strict=True):
         local_mean = ndimage.uniform_filter(mean_image, window, mode="reflect")
         local_variance = np.mean([ndimage.uniform_filter(f**2, window, mode="reflect") for f in fields], axis=0)
         local_gain += weight * (local_variance - electronic_variance) / np.maximum(local_mean, 1e-12)

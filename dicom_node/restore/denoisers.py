@@ -7,7 +7,8 @@ another backend (a GPU BM3D, say) can be added to `_BACKENDS` without touching t
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 

@@ -31,12 +31,5 @@ def gat_inverse(d: np.ndarray, noise: NoiseModel) -> np.ndarray:
     gain = np.asarray(noise.gain, dtype=np.float64)
     d = np.maximum(np.asarray(d, dtype=np.float64), _SMALLEST_D)
     electronic_in_counts = (noise.electronic_noise / gain) ** 2  # σ̃² = (σ_e/λ)²
-    counts = (
-        d**2 / 4
-        + 0.25 * _SQRT_3_2 / d
-        - 1.375 / d**2
-        + 0.625 * _SQRT_3_2 / d**3
-        - 0.125
-        - electronic_in_counts
-    )
+    counts = d**2 / 4 + 0.25 * _SQRT_3_2 / d - 1.375 / d**2 + 0.625 * _SQRT_3_2 / d**3 - 0.125 - electronic_in_counts
     return gain * np.maximum(counts, 0.0) + noise.offset

@@ -80,8 +80,12 @@ def blend(
     return _combine(z, estimate_raw, noise.offset, *weights)
 
 
-def _combine(z: np.ndarray, estimate_raw: np.ndarray, offset: float, w_low: np.ndarray, w_estimate: np.ndarray) -> np.ndarray:
-    return w_low * (np.asarray(z, dtype=np.float64) - offset) + w_estimate * (np.asarray(estimate_raw) - offset) + offset
+def _combine(
+    z: np.ndarray, estimate_raw: np.ndarray, offset: float, w_low: np.ndarray, w_estimate: np.ndarray
+) -> np.ndarray:
+    return (
+        w_low * (np.asarray(z, dtype=np.float64) - offset) + w_estimate * (np.asarray(estimate_raw) - offset) + offset
+    )
 
 
 def estimate_noise_statistics(
@@ -208,7 +212,8 @@ class GatBm3dRestorer:
         }
         lap("qc")
         provenance = Provenance(
-            method=self.name, device="cpu",
+            method=self.name,
+            device="cpu",
             options={"blend": self.blend_mode, "margin": self.margin, "denoiser": self.denoiser.name},
         )
         return Restoration(image=image, provenance=provenance, qc=qc, timings=timer.finish())

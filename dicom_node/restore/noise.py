@@ -32,7 +32,7 @@ class NoiseModel:
         """Expected variance of a raw pixel whose offset-free mean is `signal`."""
         return self.gain * np.maximum(signal, 0.0) + self.electronic_noise**2
 
-    def crop(self, rows: slice, cols: slice) -> "NoiseModel":
+    def crop(self, rows: slice, cols: slice) -> NoiseModel:
         """The same model restricted to a sub-image (crops a per-pixel gain map)."""
         if np.ndim(self.gain) == 0:
             return self

@@ -56,5 +56,5 @@ class Normalisation:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Normalisation":
+    def from_dict(cls, data: dict) -> Normalisation:
         return cls(**data)

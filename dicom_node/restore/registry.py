@@ -137,7 +137,9 @@ def check_restorer_options(name: str, options: Mapping[str, Any]) -> RestorerOpt
         for item in exc.errors():
             key = ".".join(str(part) for part in item["loc"])
             message = "unknown option" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(f"{key}: {message}" + (f" for restorer {name}" if item["type"] == "extra_forbidden" else ""))
+            problems.append(
+                f"{key}: {message}" + (f" for restorer {name}" if item["type"] == "extra_forbidden" else "")
+            )
         raise ConfigurationError("; ".join(problems)) from None
 
 

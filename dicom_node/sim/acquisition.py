@@ -17,7 +17,9 @@ def crosstalk_kernel(strength: float) -> np.ndarray:
     """3×3 kernel spreading each quantum's signal to its neighbours, ‖K‖₂ = 1 (variance kept)."""
     if not 0 <= strength <= 1:
         raise ValueError(f"crosstalk must be in [0, 1], got {strength}")
-    k = np.array([[strength**2, strength, strength**2], [strength, 1.0, strength], [strength**2, strength, strength**2]])
+    k = np.array(
+        [[strength**2, strength, strength**2], [strength, 1.0, strength], [strength**2, strength, strength**2]]
+    )
     return k / np.sqrt(np.sum(k**2))
 
 

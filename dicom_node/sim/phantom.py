@@ -112,9 +112,7 @@ def flat_field(shape: tuple[int, int], level: float, heel: float = 0.1, seed: in
     return level * _heel_profile(shape, heel, np.random.default_rng(seed))
 
 
-def power_law_texture(
-    shape: tuple[int, int], beta: float, rng: np.random.Generator, cutoff: float
-) -> np.ndarray:
+def power_law_texture(shape: tuple[int, int], beta: float, rng: np.random.Generator, cutoff: float) -> np.ndarray:
     """Zero-mean, unit-variance Gaussian field with power spectrum ∝ (f² + cutoff²)^(−β/2)
     (f in cycles per pixel). Drawn on a larger grid and cropped, so it does not wrap around."""
     padded = tuple(fft.next_fast_len(int(n * 1.25)) for n in shape)
@@ -140,9 +138,9 @@ def _heel_profile(shape: tuple[int, int], heel: float, rng: np.random.Generator)
     across = np.linspace(-1.0, 1.0, shape[0])
     linear_share = rng.uniform(0.3, 0.7)
     curvature = rng.uniform(0.0, 0.2) * heel
-    return (1 - curvature * across[:, None] ** 2) * (
-        1 - heel * (linear_share * along + (1 - linear_share) * along**2)
-    )[None, :]
+    return (1 - curvature * across[:, None] ** 2) * (1 - heel * (linear_share * along + (1 - linear_share) * along**2))[
+        None, :
+    ]
 
 
 def _place_calcifications(
@@ -161,7 +159,7 @@ def _place_calcifications(
         count = int(rng.integers(5, 13))
         positions = centre + rng.normal(0.0, spread_px, size=(count, 2))
         diameters = rng.uniform(*CALCIFICATION_DIAMETER_UM, size=count)
-        for (row, col), diameter in zip(positions, diameters):
+        for (row, col), diameter in zip(positions, diameters, strict=True):
             inside = margin <= row < rows - margin and margin <= col < cols - margin
             if inside and region[int(round(row)), int(round(col))]:
                 calcs.append(Calcification(float(row), float(col), float(diameter), cluster))

@@ -28,15 +28,19 @@ class DetectorCalibration:
 
     def entry(self, gain_map: str | None = None) -> dict[str, Any]:
         result = self.result
-        entry: dict[str, Any] = {"gain": round(result.gain, 6), "electronic_noise": round(result.electronic_noise, 4),
-                                 "offset": round(result.offset, 3)}
+        entry: dict[str, Any] = {
+            "gain": round(result.gain, 6),
+            "electronic_noise": round(result.electronic_noise, 4),
+            "offset": round(result.offset, 3),
+        }
         if gain_map is not None:
             entry["gain_map"] = gain_map
         return entry
 
     def toml(self, gain_map: str | None = None) -> str:
         return f"# dicom-node calibrate: {self.images} flat fields\n" + tomli_w.dumps(
-            {"detectors": {self.serial: self.entry(gain_map)}})
+            {"detectors": {self.serial: self.entry(gain_map)}}
+        )
 
 
 def calibrate_files(paths: list[Path], serial: str | None = None) -> DetectorCalibration:

@@ -106,7 +106,11 @@ def write_flat_fields(
         for k in range(repeats):
             pixels = acquire(signal, noise, dose_fraction=1.0, rng_or_seed=_rng(seed, 1000 + index, k))
             ds = raw_mammogram_dataset(
-                pixels, seed=seed, detector_serial=detector, exposure_mas=mas, flat_field=True,
+                pixels,
+                seed=seed,
+                detector_serial=detector,
+                exposure_mas=mas,
+                flat_field=True,
                 dose_label=f"{mas:g} mAs",
             )
             path = outdir / f"flat-{mas:g}mAs-{k + 1:02d}.dcm"
@@ -137,19 +141,22 @@ def run_demo(
     (outdir / "restored").mkdir(parents=True, exist_ok=True)
     np.save(outdir / "truth.npy", phantom.signal)
 
-    full = np.stack([acquire(phantom.signal, noise, 1.0, rng_or_seed=_rng(seed, 1, k)) for k in range(10 + realisations)])
+    full = np.stack(
+        [acquire(phantom.signal, noise, 1.0, rng_or_seed=_rng(seed, 1, k)) for k in range(10 + realisations)]
+    )
     low, restored, seconds = [], [], []
     for k in range(realisations):
         pixels = acquire(phantom.signal, noise, dose_fraction, rng_or_seed=_rng(seed, 2, k))
         ds = raw_mammogram_dataset(
-            pixels, seed=seed, detector_serial=SIMULATED_DETECTOR, exposure_mas=FULL_DOSE_MAS * dose_fraction,
+            pixels,
+            seed=seed,
+            detector_serial=SIMULATED_DETECTOR,
+            exposure_mas=FULL_DOSE_MAS * dose_fraction,
             dose_label=f"{dose_fraction * 100:g}% dose realisation {k + 1}",
         )
         in_path = outdir / "input" / f"low-dose-{k + 1:02d}.dcm"
         save_dataset(ds, in_path)
-        processed = restore_mammogram(
-            read_mammogram(in_path), config, Plan(pipeline, dose_fraction, "demo")
-        )
+        processed = restore_mammogram(read_mammogram(in_path), config, Plan(pipeline, dose_fraction, "demo"))
         out_path = outdir / "restored" / f"restored-{k + 1:02d}.dcm"
         save_dataset(processed.dataset, out_path)
         restore_s = processed.timings.get("total", 0.0)
@@ -161,7 +168,11 @@ def run_demo(
     offset = noise.offset
     groups = [  # (name, offset-free stack, restoration seconds per image)
         ("FD (full dose)", full[10:].astype(np.float64) - offset, 0.0),
-        (f"LD ({dose_fraction * 100:g}% dose, rescaled)", (np.stack(low).astype(np.float64) - offset) / dose_fraction, 0.0),
+        (
+            f"LD ({dose_fraction * 100:g}% dose, rescaled)",
+            (np.stack(low).astype(np.float64) - offset) / dose_fraction,
+            0.0,
+        ),
         (f"restored ({pipeline})", np.stack(restored).astype(np.float64) - offset, float(np.mean(seconds))),
     ]
     reference = full[:10].astype(np.float64) - offset

@@ -25,7 +25,6 @@ from dicom_node.joblog import JobLog
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.phantom import make_phantom
 
-
 SELFTEST_DESTINATION = "selftest-receiver"
 SIMULATED_DETECTOR = "SIM-0001"
 
@@ -35,8 +34,11 @@ def with_selftest(config: Config) -> Config:
     if SELFTEST_PROFILE in config.profiles:
         return config
     receiver = Destination(
-        name=SELFTEST_DESTINATION, ae_title=config.selftest.receiver_ae, host="127.0.0.1",
-        port=config.selftest.receiver_port, timeout_s=30,
+        name=SELFTEST_DESTINATION,
+        ae_title=config.selftest.receiver_ae,
+        host="127.0.0.1",
+        port=config.selftest.receiver_port,
+        timeout_s=30,
     )
     profile = Profile(pipeline="gat-bm3d", dose_fraction=config.selftest.dose_fraction, destinations=[receiver.name])
     return config.model_copy(
@@ -89,8 +91,13 @@ def run_selftest(config: Config, *, size: tuple[int, int] = (512, 416), timeout_
     phantom = make_phantom(size, seed=seed)
     dose = config.selftest.dose_fraction
     pixels = acquire(phantom.signal, noise, dose, rng_or_seed=seed)
-    dataset = raw_mammogram_dataset(pixels, seed=seed, patient_id="SELFTEST", patient_name="SELFTEST^DICOMNODE",
-                                    dose_label=f"selftest {dose * 100:g}% dose")
+    dataset = raw_mammogram_dataset(
+        pixels,
+        seed=seed,
+        patient_id="SELFTEST",
+        patient_name="SELFTEST^DICOMNODE",
+        dose_label=f"selftest {dose * 100:g}% dose",
+    )
     uid = str(dataset.SOPInstanceUID)
 
     received: queue.Queue = queue.Queue()
@@ -100,8 +107,14 @@ def run_selftest(config: Config, *, size: tuple[int, int] = (512, 416), timeout_
             path = Path(folder) / "selftest.dcm"
             save_dataset(dataset, path)
             started = time.monotonic()
-            result = send_file(path, ae_title=config.node.ae_title, host="127.0.0.1", port=config.node.port,
-                               calling_ae=config.selftest.calling_ae, timeout_s=60)
+            result = send_file(
+                path,
+                ae_title=config.node.ae_title,
+                host="127.0.0.1",
+                port=config.node.port,
+                calling_ae=config.selftest.calling_ae,
+                timeout_s=60,
+            )
         if not result.ok:
             raise SelftestError(f"the node did not accept the phantom: {result.message}")
         derived = _wait_for_derived(received, uid, started + timeout_s)
@@ -115,7 +128,9 @@ def _wait_for_derived(received: queue.Queue, source_uid: str, deadline: float):
         try:
             dataset = received.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise SelftestError("the restored image did not arrive in time; see `dicom-node jobs` for the job") from None
+            raise SelftestError(
+                "the restored image did not arrive in time; see `dicom-node jobs` for the job"
+            ) from None
         sources = [item.ReferencedSOPInstanceUID for item in dataset.get("SourceImageSequence", [])]
         if source_uid in sources:
             return dataset

@@ -11,7 +11,8 @@ from dicom_node.joblog.tables import Base
 
 connection = context.config.attributes["connection"]
 # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
-context.configure(connection=connection, target_metadata=Base.metadata,
-                  render_as_batch=connection.dialect.name == "sqlite")
+context.configure(
+    connection=connection, target_metadata=Base.metadata, render_as_batch=connection.dialect.name == "sqlite"
+)
 with context.begin_transaction():
     context.run_migrations()

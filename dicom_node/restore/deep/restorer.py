@@ -77,7 +77,7 @@ class DeepRestorer:
         if self.model:
             self._load(self.model)  # a missing or broken model is said at start, not at the first image
 
-    def _load(self, name: str) -> tuple["torch.nn.Module", Any]:
+    def _load(self, name: str) -> tuple[torch.nn.Module, Any]:
         weights = self.model_dir / f"{name}.safetensors"
         modified = weights.stat().st_mtime_ns if weights.is_file() else 0
         return cached_model(str(self.model_dir.resolve()), name, self.device, modified)
@@ -116,8 +116,11 @@ class DeepRestorer:
         }
         lap("qc")
         provenance = Provenance(
-            method=self.name, device=self.device, options={"model": name},  # tiling changes nothing in the result
-            model_name=name, model_digest=card.weights_sha256,
+            method=self.name,
+            device=self.device,
+            options={"model": name},  # tiling changes nothing in the result
+            model_name=name,
+            model_digest=card.weights_sha256,
         )
         return Restoration(image=image, provenance=provenance, qc=qc, timings=timer.finish())
 

@@ -37,7 +37,7 @@ def network_names() -> list[str]:
     return sorted(_NETWORKS)
 
 
-def build_network(name: str, **options: object) -> "nn.Module":
+def build_network(name: str, **options: object) -> nn.Module:
     """A freshly initialised network; `options` are its constructor's keyword arguments."""
     try:
         module_name, factory_name = _NETWORKS[name]
@@ -47,7 +47,7 @@ def build_network(name: str, **options: object) -> "nn.Module":
     return getattr(module, factory_name)(**options)
 
 
-def conv_chain_radius(network: "nn.Module") -> int:
+def conv_chain_radius(network: nn.Module) -> int:
     """Receptive-field radius of a network whose convolutions wider than 1×1 all lie on one chain.
 
     A k×k convolution with dilation d widens the dependence by d·(k − 1)/2 pixels on each side;
@@ -62,5 +62,5 @@ def conv_chain_radius(network: "nn.Module") -> int:
         if isinstance(layer, nn.Conv2d):
             if layer.stride != (1, 1) or any(k % 2 == 0 for k in layer.kernel_size):
                 raise ValueError("only odd, stride-1 convolutions keep the image size")
-            radius += max(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation))
+            radius += max(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation, strict=True))
     return radius

@@ -45,6 +45,6 @@ class HResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.conv_first(x)
-        for first, second in zip(self.blocks[::2], self.blocks[1::2]):
+        for first, second in zip(self.blocks[::2], self.blocks[1::2], strict=True):
             features = torch.relu(second(first(features)) + features)
         return torch.relu(x + self.conv_last(features))

@@ -18,10 +18,20 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-JOB_STATUS = sa.Enum("received", "processing", "forwarding", "done", "failed", "cancelled",
-                     name="job_status", native_enum=False, length=16)
-DELIVERY_STATUS = sa.Enum("pending", "sending", "sent", "failed", "cancelled",
-                          name="delivery_status", native_enum=False, length=16)
+JOB_STATUS = sa.Enum(
+    "received",
+    "processing",
+    "forwarding",
+    "done",
+    "failed",
+    "cancelled",
+    name="job_status",
+    native_enum=False,
+    length=16,
+)
+DELIVERY_STATUS = sa.Enum(
+    "pending", "sending", "sent", "failed", "cancelled", name="delivery_status", native_enum=False, length=16
+)
 
 
 def _utc() -> sa.DateTime:
