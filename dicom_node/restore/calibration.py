@@ -176,7 +176,8 @@ def _noise_fields(group: np.ndarray) -> list[np.ndarray]:
     used as it is. The high-pass's loss of white-noise variance is corrected exactly.
     """
     if len(group) >= 2:
-        fields = [(a - b) / np.sqrt(2) for a, b in zip(group[0::2], group[1::2], strict=False)]  # an odd repeat left over is unused
+        # An odd repeat left over is unused.
+        fields = [(a - b) / np.sqrt(2) for a, b in zip(group[0::2], group[1::2], strict=False)]
     else:
         fields = [group[0]]
     return [_high_pass(f) / np.sqrt(_high_pass_gain()) for f in fields]
