@@ -30,16 +30,16 @@ class _Strict(BaseModel):
 
 class NodeSettings(_Strict):
     ae_title: AeTitle = "DOSENODE"
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(default=11112, ge=1, le=65535)
     bind: str = "0.0.0.0"
     data_dir: Path = Path("data")
-    max_associations: int = Field(10, ge=1)
-    acse_timeout_s: float = Field(30, gt=0)  # association negotiation
-    dimse_timeout_s: float = Field(60, gt=0)  # waiting for a DIMSE message
-    network_timeout_s: float = Field(60, gt=0)  # an idle association is closed after this
-    min_free_disk_mb: float = Field(1024, ge=0)  # below this, new associations are refused
+    max_associations: int = Field(default=10, ge=1)
+    acse_timeout_s: float = Field(default=30, gt=0)  # association negotiation
+    dimse_timeout_s: float = Field(default=60, gt=0)  # waiting for a DIMSE message
+    network_timeout_s: float = Field(default=60, gt=0)  # an idle association is closed after this
+    min_free_disk_mb: float = Field(default=1024, ge=0)  # below this, new associations are refused
     duplicate_policy: Literal["ignore-identical", "reprocess-all"] = "ignore-identical"
-    retention_days: float = Field(7, ge=0)  # files of finished jobs are kept this long
+    retention_days: float = Field(default=7, ge=0)  # files of finished jobs are kept this long
     model_dir: Path | None = None  # trained models for the "deep" pipeline (default: the shipped ones)
 
     @field_validator("ae_title")
@@ -74,9 +74,9 @@ class Destination(_Strict):
     name: str = Field(min_length=1)
     ae_title: AeTitle | None = None
     host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
+    port: int | None = Field(default=None, ge=1, le=65535)
     folder: Path | None = None
-    timeout_s: float = Field(120, gt=0)  # watchdog: the longest one send may take
+    timeout_s: float = Field(default=120, gt=0)  # watchdog: the longest one send may take
 
     @model_validator(mode="after")
     def _either_network_or_folder(self) -> Destination:
@@ -99,7 +99,7 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    pipeline: str = Field("gat-bm3d", min_length=1)
+    pipeline: str = Field(default="gat-bm3d", min_length=1)
     dose_fraction: float = Field(gt=0, le=1)
     destinations: list[str] = []
     forward_original: bool = False
@@ -117,21 +117,21 @@ class Detector(_Strict):
 
 
 class WorkerSettings(_Strict):
-    count: int = Field(1, ge=0)  # worker processes `serve` supervises (0: run them elsewhere)
-    lease_s: float = Field(300, gt=0)  # a claimed job returns to the queue if not renewed in time
-    heartbeat_s: float = Field(30, gt=0)
+    count: int = Field(default=1, ge=0)  # worker processes `serve` supervises (0: run them elsewhere)
+    lease_s: float = Field(default=300, gt=0)  # a claimed job returns to the queue if not renewed in time
+    heartbeat_s: float = Field(default=30, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_attempts: int = Field(3, ge=1)  # an internal error is retried until a job has been tried this often
+    max_attempts: int = Field(default=3, ge=1)  # an internal error is retried until a job has been tried this often
 
 
 class RetryPolicy(_Strict):
     """dcm4chee's retry policy as data; `dicom_node.forward.retry` does the arithmetic."""
 
-    initial_s: float = Field(30, gt=0)
-    multiplier: float = Field(2.0, ge=1)
-    jitter: float = Field(0.1, ge=0, le=1)
-    max_delay_s: float = Field(3600, gt=0)
-    max_age_h: float = Field(72, gt=0)
+    initial_s: float = Field(default=30, gt=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    max_delay_s: float = Field(default=3600, gt=0)
+    max_age_h: float = Field(default=72, gt=0)
 
 
 class SelftestSettings(_Strict):
@@ -140,8 +140,8 @@ class SelftestSettings(_Strict):
 
     calling_ae: AeTitle = "DOSENODE-TEST"
     receiver_ae: AeTitle = "SELFTEST-RCV"
-    receiver_port: int = Field(11113, ge=1, le=65535)
-    dose_fraction: float = Field(0.5, gt=0, le=1)
+    receiver_port: int = Field(default=11113, ge=1, le=65535)
+    dose_fraction: float = Field(default=0.5, gt=0, le=1)
 
 
 SELFTEST_PROFILE = "selftest"
@@ -158,7 +158,7 @@ class Config(_Strict):
     worker: WorkerSettings = WorkerSettings()
     selftest: SelftestSettings = SelftestSettings()
     retry: RetryPolicy = RetryPolicy()
-    path: Path | None = Field(None, exclude=True)  # the file it came from (None: embedded defaults)
+    path: Path | None = Field(default=None, exclude=True)  # the file it came from (None: embedded defaults)
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:

@@ -55,9 +55,8 @@ def write_phantom_study(
     outdir.mkdir(parents=True, exist_ok=True)
     phantom = make_phantom(shape, seed=seed)
     stem = f"seed{seed}"
-    np.save(outdir / f"truth-{stem}.npy", phantom.signal)
-    np.save(outdir / f"mask-{stem}.npy", phantom.mask)
-    np.save(outdir / f"calcifications-{stem}.npy", phantom.calcifications)
+    for name, array in (("truth", phantom.signal), ("mask", phantom.mask), ("calcifications", phantom.calcifications)):
+        _save_array(outdir / f"{name}-{stem}.npy", array)
     files: dict[str, list[str]] = {}
     for dose in doses:
         for k in range(repeats):
@@ -84,7 +83,7 @@ def write_phantom_study(
         "calcifications": f"calcifications-{stem}.npy",
         "files": files,
     }
-    (outdir / "phantom.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomically(outdir / "phantom.json", (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644)
     return manifest
 
 
@@ -139,7 +138,7 @@ def run_demo(
     phantom = make_phantom(shape, seed=seed)
     (outdir / "input").mkdir(parents=True, exist_ok=True)
     (outdir / "restored").mkdir(parents=True, exist_ok=True)
-    np.save(outdir / "truth.npy", phantom.signal)
+    _save_array(outdir / "truth.npy", phantom.signal)
 
     full = np.stack(
         [acquire(phantom.signal, noise, 1.0, rng_or_seed=_rng(seed, 1, k)) for k in range(10 + realisations)]
@@ -199,3 +198,7 @@ def _write_report(outdir: Path, rows: list[GroupFigures], dose_fraction: float, 
 
 def _scalar(gain: float | np.ndarray) -> float | str:
     return float(gain) if np.ndim(gain) == 0 else "map"
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    write_atomically(path, lambda stream: np.save(stream, array), mode=0o644)
