@@ -26,6 +26,7 @@ def sim_noise():
 @pytest.fixture
 def config_file(tmp_path: Path) -> Callable[..., Path]:
     """Write configuration text to a file under tmp_path (node.toml unless named) and return its path."""
+
     def write(text: str, name: str = "node.toml") -> Path:
         path = tmp_path / name
         path.write_text(text)

@@ -29,8 +29,11 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         package = DEBIAN_PACKAGES.get(name, "?")
-        pytest.fail(f"{name} is not installed; it comes with the Debian package {package} "
-                    f"(apt-get install -y --no-install-recommends {package})", pytrace=False)
+        pytest.fail(
+            f"{name} is not installed; it comes with the Debian package {package} "
+            f"(apt-get install -y --no-install-recommends {package})",
+            pytrace=False,
+        )
     return path
 
 
@@ -47,8 +50,10 @@ def dciodvfy_errors(path: str | Path) -> list[str]:
     result = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
     lines = (result.stdout + result.stderr).splitlines()
     errors = [line for line in lines if line.startswith("Error")]
-    print(f"dciodvfy {Path(path).name}: {len(errors)} errors, "
-          f"{sum(line.startswith('Warning') for line in lines)} warnings")
+    print(
+        f"dciodvfy {Path(path).name}: {len(errors)} errors, "
+        f"{sum(line.startswith('Warning') for line in lines)} warnings"
+    )
     return errors
 
 
@@ -84,8 +89,14 @@ def sim_noise_model():
     return NoiseModel(entry["gain"], entry["electronic_noise"], entry["offset"])
 
 
-def low_dose_mammogram(path: Path, seed: int, shape: tuple[int, int] = (256, 208), dose_fraction: float = 0.5,
-                       noise_seed: int | None = None, **dataset_options) -> Path:
+def low_dose_mammogram(
+    path: Path,
+    seed: int,
+    shape: tuple[int, int] = (256, 208),
+    dose_fraction: float = 0.5,
+    noise_seed: int | None = None,
+    **dataset_options,
+) -> Path:
     """A phantom acquired by the simulated detector at `dose_fraction`, written as a raw DICOM mammogram.
 
     The phantom comes from `seed`, the noise from `noise_seed` (default: `seed`); `dataset_options`
@@ -96,7 +107,8 @@ def low_dose_mammogram(path: Path, seed: int, shape: tuple[int, int] = (256, 208
     from dicom_node.sim.phantom import make_phantom
 
     phantom = make_phantom(shape, seed=seed)
-    pixels = acquire(phantom.signal, sim_noise_model(), dose_fraction,
-                     rng_or_seed=seed if noise_seed is None else noise_seed)
+    pixels = acquire(
+        phantom.signal, sim_noise_model(), dose_fraction, rng_or_seed=seed if noise_seed is None else noise_seed
+    )
     save_dataset(raw_mammogram_dataset(pixels, seed=seed, **dataset_options), path)
     return path

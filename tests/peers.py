@@ -39,8 +39,12 @@ def require(binary: str, package: str) -> str:
     return path
 
 
-def wait_until(condition: Callable[[], T], timeout: float, interval: float = 0.1,
-               message: str | Callable[[], str] = "the condition was never met") -> T:
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float,
+    interval: float = 0.1,
+    message: str | Callable[[], str] = "the condition was never met",
+) -> T:
     """Call `condition` every `interval` s until it returns something truthy, and return that.
 
     After `timeout` s the test fails with `message` (a callable is called then, so that it can show
@@ -65,9 +69,15 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout: float = 30, what: str = "the server",
-                  details: Callable[[], str] = lambda: "") -> None:
+def wait_for_port(
+    port: int,
+    process: subprocess.Popen | None = None,
+    timeout: float = 30,
+    what: str = "the server",
+    details: Callable[[], str] = lambda: "",
+) -> None:
     """Wait until `process` listens on the loopback port; fail at once if it exits first."""
+
     def up() -> bool:
         if process is not None and process.poll() is not None:
             pytest.fail(f"{what} exited with {process.returncode} before listening on port {port}{details()}")
@@ -162,8 +172,12 @@ class Orthanc:
 
     def wait_for(self, sop_instance_uid: str, timeout: float = 60) -> str:
         """Orthanc's id of the instance, once it has arrived."""
-        return wait_until(lambda: self.find(sop_instance_uid), timeout, interval=0.2,
-                          message=f"Orthanc never received {sop_instance_uid}")
+        return wait_until(
+            lambda: self.find(sop_instance_uid),
+            timeout,
+            interval=0.2,
+            message=f"Orthanc never received {sop_instance_uid}",
+        )
 
     def tags(self, orthanc_id: str) -> dict:
         return self.get(f"/instances/{orthanc_id}/simplified-tags")
@@ -172,13 +186,16 @@ class Orthanc:
         return self.request(f"/instances/{orthanc_id}/file")
 
 
-def storescu(node_port: int, *files: Path, calling: str = "MAMMO1", called: str = "DOSENODE",
-             options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def storescu(
+    node_port: int, *files: Path, calling: str = "MAMMO1", called: str = "DOSENODE", options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """DCMTK storescu as the modality; returns the completed process (its output names statuses)."""
     binary = require("storescu", "dcmtk")
     return subprocess.run(
         [binary, "-R", "-aet", calling, "-aec", called, *options, "127.0.0.1", str(node_port), *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -205,8 +222,11 @@ def start_storescp(folder: Path, *options: str, ae_title: str = "STORESCP") -> S
     binary = require("storescp", "dcmtk")
     port = free_port()
     folder.mkdir(parents=True)
-    process = subprocess.Popen([binary, "-aet", ae_title, *options, "-od", str(folder), str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [binary, "-aet", ae_title, *options, "-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     peer = Storescp(port, folder, process, ae_title)
     try:
         wait_for_port(port, process, timeout=10, what="storescp")

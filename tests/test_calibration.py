@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from dicom_node.errors import InputRefused
 from scipy import ndimage
 
+from dicom_node.errors import InputRefused
 from dicom_node.restore.calibration import calibrate_flat_fields, estimate_noise_from_image
 
 OFFSET, SIGMA_E, SIZE = 50.0, 3.0, 192
@@ -88,15 +87,22 @@ FLAT = np.full((64, 64), 100.0)
 _RNG = np.random.default_rng(0)
 
 
-@pytest.mark.parametrize(("images", "exposures", "match"), [
-    pytest.param([FLAT, FLAT + 1], [1.0, 1.0], "2 or more distinct exposures", id="one-exposure"),
-    pytest.param([FLAT, np.full((32, 32), 200.0)], [1.0, 2.0], "same shape", id="shapes-differ"),
-    pytest.param([FLAT, FLAT], [1.0, 2.0, 3.0], "2 images but 3 exposures", id="more-exposures-than-images"),
-    pytest.param([FLAT, np.full((64, 64), np.nan)], [1.0, 2.0], "finite", id="nan-pixels"),
-    pytest.param([FLAT + _RNG.normal(0, 5, FLAT.shape), FLAT + 100 + _RNG.normal(0, 3, FLAT.shape)], [1.0, 2.0],
-                 "does not grow", id="more-signal-less-noise"),
-    pytest.param([FLAT, FLAT + 100], [1.0, 2.0], "no noise", id="noise-free"),
-])
+@pytest.mark.parametrize(
+    ("images", "exposures", "match"),
+    [
+        pytest.param([FLAT, FLAT + 1], [1.0, 1.0], "2 or more distinct exposures", id="one-exposure"),
+        pytest.param([FLAT, np.full((32, 32), 200.0)], [1.0, 2.0], "same shape", id="shapes-differ"),
+        pytest.param([FLAT, FLAT], [1.0, 2.0, 3.0], "2 images but 3 exposures", id="more-exposures-than-images"),
+        pytest.param([FLAT, np.full((64, 64), np.nan)], [1.0, 2.0], "finite", id="nan-pixels"),
+        pytest.param(
+            [FLAT + _RNG.normal(0, 5, FLAT.shape), FLAT + 100 + _RNG.normal(0, 3, FLAT.shape)],
+            [1.0, 2.0],
+            "does not grow",
+            id="more-signal-less-noise",
+        ),
+        pytest.param([FLAT, FLAT + 100], [1.0, 2.0], "no noise", id="noise-free"),
+    ],
+)
 def test_error_messages(images, exposures, match):
     with pytest.raises(InputRefused, match=match):
         calibrate_flat_fields(images, exposures)

@@ -20,8 +20,14 @@ from dicomtools import dciodvfy_errors, low_dose_mammogram
 @pytest.fixture(scope="module")
 def half_dose_file(tmp_path_factory) -> Path:
     """A half-dose phantom from the embedded defaults' SIM-0001 detector."""
-    return low_dose_mammogram(tmp_path_factory.mktemp("in") / "half.dcm", seed=3, shape=(160, 128),
-                              dose_fraction=0.5, noise_seed=1, detector_serial="SIM-0001")
+    return low_dose_mammogram(
+        tmp_path_factory.mktemp("in") / "half.dcm",
+        seed=3,
+        shape=(160, 128),
+        dose_fraction=0.5,
+        noise_seed=1,
+        detector_serial="SIM-0001",
+    )
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -42,8 +48,17 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 def test_process_writes_a_valid_derived_image_and_json_report(capsys, tmp_path, half_dose_file, sim_noise):
     out_path = tmp_path / "out.dcm"
-    code, out, err = run(capsys, "process", str(half_dose_file), str(out_path),
-                         "--pipeline", "gat-bm3d", "--dose-fraction", "0.5", "--json")
+    code, out, err = run(
+        capsys,
+        "process",
+        str(half_dose_file),
+        str(out_path),
+        "--pipeline",
+        "gat-bm3d",
+        "--dose-fraction",
+        "0.5",
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     print(json.dumps(report, indent=1))
@@ -66,8 +81,21 @@ def test_process_writes_a_valid_derived_image_and_json_report(capsys, tmp_path, 
 
 
 def test_flags_override_the_detector_entry(capsys, tmp_path, half_dose_file):
-    code, out, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5",
-                         "--gain", "0.1", "--electronic-noise", "3", "--offset", "50", "--json")
+    code, out, err = run(
+        capsys,
+        "process",
+        str(half_dose_file),
+        str(tmp_path / "o.dcm"),
+        "--dose-fraction",
+        "0.5",
+        "--gain",
+        "0.1",
+        "--electronic-noise",
+        "3",
+        "--offset",
+        "50",
+        "--json",
+    )
     assert code == 0, err
     assert json.loads(out)["noise"]["source"] == "command line"
 
@@ -145,16 +173,28 @@ def test_refused_input_is_one_line_and_writes_nothing(capsys, tmp_path, make_inp
 REFUSED_ARGUMENTS = [
     pytest.param(("{tmp}/absent.dcm", "{out}", "--dose-fraction", "0.5"), ("absent.dcm",), id="missing-input"),
     pytest.param(("{input}", "{out}", "--dose-fraction", "1.5"), ("dose fraction",), id="dose-fraction-above-one"),
-    pytest.param(("{input}", "{out}", "--dose-fraction", "half"), ("--dose-fraction",), id="dose-fraction-not-a-number"),
-    pytest.param(("{input}", "{out}", "--dose-fraction", "0.5", "--pipeline", "magic"), ("magic", "gat-bm3d"),
-                 id="unknown-pipeline"),
+    pytest.param(
+        ("{input}", "{out}", "--dose-fraction", "half"), ("--dose-fraction",), id="dose-fraction-not-a-number"
+    ),
+    pytest.param(
+        ("{input}", "{out}", "--dose-fraction", "0.5", "--pipeline", "magic"),
+        ("magic", "gat-bm3d"),
+        id="unknown-pipeline",
+    ),
     pytest.param(("{input}", "{out}"), ("--dose-fraction",), id="no-dose-fraction"),
-    pytest.param(("{input}", "{tmp}/no/such/dir/o.dcm", "--dose-fraction", "0.5"), ("cannot write",),
-                 id="unwritable-output"),
-    pytest.param(("{input}", "{out}", "--pipeline", "deep", "--dose-fraction", "0.3"),
-                 ("no default model for dose fraction 0.3", "0.5"), id="deep-without-a-model-for-the-dose"),
-    pytest.param(("{input}", "{out}", "--pipeline", "deep", "--dose-fraction", "0.5", "--model", "nonexistent"),
-                 ("nonexistent",), id="deep-with-an-unknown-model"),
+    pytest.param(
+        ("{input}", "{tmp}/no/such/dir/o.dcm", "--dose-fraction", "0.5"), ("cannot write",), id="unwritable-output"
+    ),
+    pytest.param(
+        ("{input}", "{out}", "--pipeline", "deep", "--dose-fraction", "0.3"),
+        ("no default model for dose fraction 0.3", "0.5"),
+        id="deep-without-a-model-for-the-dose",
+    ),
+    pytest.param(
+        ("{input}", "{out}", "--pipeline", "deep", "--dose-fraction", "0.5", "--model", "nonexistent"),
+        ("nonexistent",),
+        id="deep-with-an-unknown-model",
+    ),
 ]
 
 
@@ -168,18 +208,26 @@ def test_refused_arguments_are_one_line(capsys, tmp_path, half_dose_file, argume
 
 def test_bad_config_is_one_line(capsys, tmp_path, half_dose_file, config_file):
     bad = config_file("[node]\nport = 'eleven'\n", "bad.toml")
-    code, _, err = run(capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5",
-                       "--config", str(bad))
+    code, _, err = run(
+        capsys, "process", str(half_dose_file), str(tmp_path / "o.dcm"), "--dose-fraction", "0.5", "--config", str(bad)
+    )
     assert_one_line_error(code, err, "node.port")
 
 
-@pytest.mark.parametrize("exe", [
-    pytest.param([str(Path(sys.executable).with_name("dicom-node"))], id="console-script"),
-    pytest.param([sys.executable, "-m", "dicom_node"], id="python-m-dicom_node"),
-])
+@pytest.mark.parametrize(
+    "exe",
+    [
+        pytest.param([str(Path(sys.executable).with_name("dicom-node"))], id="console-script"),
+        pytest.param([sys.executable, "-m", "dicom_node"], id="python-m-dicom_node"),
+    ],
+)
 def test_console_script_and_module_entry_point(tmp_path, exe):
-    result = subprocess.run([*exe, "process", str(tmp_path / "x.dcm"), str(tmp_path / "y.dcm"),
-                             "--dose-fraction", "0.5"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*exe, "process", str(tmp_path / "x.dcm"), str(tmp_path / "y.dcm"), "--dose-fraction", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     print(result.stderr.strip())
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -190,8 +238,9 @@ def test_console_script_and_module_entry_point(tmp_path, exe):
 def test_process_with_the_shipped_deep_model(capsys, tmp_path, half_dose_file, monkeypatch):
     monkeypatch.delenv("DICOM_NODE_MODEL_DIR", raising=False)
     out_path = tmp_path / "deep.dcm"
-    code, out, err = run(capsys, "process", str(half_dose_file), str(out_path), "--pipeline", "deep",
-                         "--dose-fraction", "0.5", "--json")
+    code, out, err = run(
+        capsys, "process", str(half_dose_file), str(out_path), "--pipeline", "deep", "--dose-fraction", "0.5", "--json"
+    )
     assert code == 0, err
     report = json.loads(out)
     print(json.dumps(report["model"]), report["timings_s"])

@@ -10,6 +10,7 @@ from dicom_node.cli import main
 from dicom_node.config import load_config
 from dicom_node.detectors import detector_noise
 from dicom_node.imaging import read_mammogram
+
 from dicomtools import dciodvfy_errors
 
 
@@ -21,8 +22,21 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_phantom_writes_valid_raw_mammograms_and_truth(capsys, tmp_path):
-    code, out, err = run(capsys, "phantom", str(tmp_path), "--seed", "4", "--size", "160x128",
-                         "--dose", "1", "--dose", "0.5", "--repeats", "2")
+    code, out, err = run(
+        capsys,
+        "phantom",
+        str(tmp_path),
+        "--seed",
+        "4",
+        "--size",
+        "160x128",
+        "--dose",
+        "1",
+        "--dose",
+        "0.5",
+        "--repeats",
+        "2",
+    )
     assert code == 0, err
     manifest = json.loads((tmp_path / "phantom.json").read_text())
     assert sorted(manifest["files"]) == ["0.5", "1"]
@@ -40,8 +54,10 @@ def test_phantom_writes_valid_raw_mammograms_and_truth(capsys, tmp_path):
     assert dciodvfy_errors(tmp_path / manifest["files"]["0.5"][0]) == []
     # Deterministic per seed: the same command writes the same pixels.
     again = tmp_path / "again"
-    assert run(capsys, "phantom", str(again), "--seed", "4", "--size", "160x128", "--dose", "0.5",
-               "--repeats", "2")[0] == 0
+    assert (
+        run(capsys, "phantom", str(again), "--seed", "4", "--size", "160x128", "--dose", "0.5", "--repeats", "2")[0]
+        == 0
+    )
     assert np.array_equal(read_mammogram(again / manifest["files"]["0.5"][0]).pixels, half[0].pixels)
 
 
@@ -60,8 +76,9 @@ def test_calibrate_recovers_the_simulated_detector(capsys, tmp_path):
     assert len(files) == 8
     assert dciodvfy_errors(files[0]) == []
     entry_file = tmp_path / "detector.toml"
-    code, _, err = run(capsys, "calibrate", *files, "--output", str(entry_file),
-                       "--gain-map", str(tmp_path / "gain.npy"))
+    code, _, err = run(
+        capsys, "calibrate", *files, "--output", str(entry_file), "--gain-map", str(tmp_path / "gain.npy")
+    )
     print(err)
     assert code == 0, err
     entry = tomllib.loads(entry_file.read_text())["detectors"]["SIM-0001"]

@@ -9,7 +9,6 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from dicomtools import dciodvfy_errors, dcmtk_convert, gdcmconv, transfer_syntax_of
 from dicom_node.imaging import (
     MG_FOR_PRESENTATION,
     MG_FOR_PROCESSING,
@@ -21,20 +20,61 @@ from dicom_node.imaging import (
     save_dataset,
 )
 
+from dicomtools import dciodvfy_errors, dcmtk_convert, gdcmconv, transfer_syntax_of
+
 MAX_14_BIT = (1 << 14) - 1
-RECIPE = dict(method="gat-bm3d", profile="standard", model_name="unet-ld25",
-              model_digest="sha256:9f2c41d0e5", node_version="0.1.0", station_name="RESTORE-1")
+RECIPE = dict(
+    method="gat-bm3d",
+    profile="standard",
+    model_name="unet-ld25",
+    model_digest="sha256:9f2c41d0e5",
+    node_version="0.1.0",
+    station_name="RESTORE-1",
+)
 
 # Attributes describing the low-dose acquisition, its equipment and its geometry: QA needs them unchanged.
 COPIED_UNCHANGED = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "Modality", "Manufacturer",
-    "ManufacturerModelName", "DeviceSerialNumber", "StationName", "SoftwareVersions", "InstanceNumber",
-    "ImageLaterality", "ViewPosition", "ViewCodeSequence", "PatientOrientation", "PositionerType",
-    "DetectorType", "DetectorID", "ImagerPixelSpacing", "KVP", "Exposure", "ExposureInuAs",
-    "BodyPartThickness", "CompressionForce", "AnodeTargetMaterial", "FilterMaterial",
-    "EntranceDoseInmGy", "OrganDose", "LossyImageCompression", "BurnedInAnnotation",
-    "PresentationIntentType", "PhotometricInterpretation", "BitsStored", "Rows", "Columns",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "DeviceSerialNumber",
+    "StationName",
+    "SoftwareVersions",
+    "InstanceNumber",
+    "ImageLaterality",
+    "ViewPosition",
+    "ViewCodeSequence",
+    "PatientOrientation",
+    "PositionerType",
+    "DetectorType",
+    "DetectorID",
+    "ImagerPixelSpacing",
+    "KVP",
+    "Exposure",
+    "ExposureInuAs",
+    "BodyPartThickness",
+    "CompressionForce",
+    "AnodeTargetMaterial",
+    "FilterMaterial",
+    "EntranceDoseInmGy",
+    "OrganDose",
+    "LossyImageCompression",
+    "BurnedInAnnotation",
+    "PresentationIntentType",
+    "PhotometricInterpretation",
+    "BitsStored",
+    "Rows",
+    "Columns",
 )
 
 
@@ -101,7 +141,8 @@ def test_recipe_attributes(raw: Dataset, pixels: np.ndarray) -> None:
     (source,) = derived.SourceImageSequence
     assert (source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID) == (raw.SOPClassUID, raw.SOPInstanceUID)
     assert [_code(c) for c in source.PurposeOfReferenceCodeSequence] == [
-        ("121358", "DCM", "For Processing predecessor")]
+        ("121358", "DCM", "For Processing predecessor")
+    ]
 
     kept, ours = derived.ContributingEquipmentSequence
     assert kept.Manufacturer == "SIMULATED"
@@ -119,15 +160,17 @@ def test_recipe_attributes(raw: Dataset, pixels: np.ndarray) -> None:
     assert raw.ContributingEquipmentSequence == Sequence([earlier]), "the source must be left as it was"
 
 
-def test_for_presentation_source_is_referenced_as_image_processing_source(presentation: Dataset,
-                                                                          pixels: np.ndarray) -> None:
+def test_for_presentation_source_is_referenced_as_image_processing_source(
+    presentation: Dataset, pixels: np.ndarray
+) -> None:
     derived = build_derived(presentation, pixels, **RECIPE)
     assert derived.SOPClassUID == MG_FOR_PRESENTATION
     assert derived.PhotometricInterpretation == "MONOCHROME1"
     assert (derived.WindowCenter, derived.WindowWidth) == (6000, 12000)
     (source,) = derived.SourceImageSequence
     assert [_code(c) for c in source.PurposeOfReferenceCodeSequence] == [
-        ("121322", "DCM", "Source image for image processing operation")]
+        ("121322", "DCM", "Source image for image processing operation")
+    ]
 
 
 def test_uids_are_deterministic_and_follow_profile_and_model(raw: Dataset, pixels: np.ndarray) -> None:
@@ -203,10 +246,13 @@ def _with_nan(pixels: np.ndarray) -> np.ndarray:
     return broken
 
 
-@pytest.mark.parametrize(("unusable", "match"), [
-    pytest.param(lambda pixels: pixels[:-1], "shape", id="one-row-short"),
-    pytest.param(_with_nan, "NaN", id="a-nan-pixel"),
-])
+@pytest.mark.parametrize(
+    ("unusable", "match"),
+    [
+        pytest.param(lambda pixels: pixels[:-1], "shape", id="one-row-short"),
+        pytest.param(_with_nan, "NaN", id="a-nan-pixel"),
+    ],
+)
 def test_unusable_pixels_are_refused(unusable, match: str, raw: Dataset, pixels: np.ndarray) -> None:
     with pytest.raises(ValueError, match=match):
         build_derived(raw, unusable(pixels), **RECIPE)
@@ -228,8 +274,9 @@ def test_derived_from_for_processing_passes_dciodvfy(raw: Dataset, pixels: np.nd
     assert dciodvfy_errors(tmp_path / "derived.dcm") == []
 
 
-def test_derived_from_for_presentation_passes_dciodvfy(presentation: Dataset, pixels: np.ndarray,
-                                                       tmp_path: Path) -> None:
+def test_derived_from_for_presentation_passes_dciodvfy(
+    presentation: Dataset, pixels: np.ndarray, tmp_path: Path
+) -> None:
     save_dataset(presentation, tmp_path / "presentation.dcm")
     assert dciodvfy_errors(tmp_path / "presentation.dcm") == []
     source = read_mammogram(tmp_path / "presentation.dcm")
@@ -246,8 +293,9 @@ ENCODED_SOURCES = {
 
 
 @pytest.mark.parametrize("encoding", ENCODED_SOURCES)
-def test_any_source_syntax_gives_explicit_little_endian(encoding: str, raw: Dataset, pixels: np.ndarray,
-                                                        tmp_path: Path) -> None:
+def test_any_source_syntax_gives_explicit_little_endian(
+    encoding: str, raw: Dataset, pixels: np.ndarray, tmp_path: Path
+) -> None:
     syntax, encode = ENCODED_SOURCES[encoding]
     save_dataset(raw, tmp_path / "raw.dcm")
     source = read_mammogram(encode(tmp_path / "raw.dcm", tmp_path / "source.dcm"))

@@ -17,9 +17,13 @@ def write(tmp_path, text):
 def test_embedded_defaults_do_not_guess_an_uncalibrated_detector():
     config = load_config()
     assert detector_entry(config, "UNKNOWN-SERIAL") is None
-    with pytest.raises(ConfigurationError, match=r"no noise parameters for detector UNKNOWN-SERIAL: add \[detectors.UNKNOWN-SERIAL\]"):
+    with pytest.raises(
+        ConfigurationError, match=r"no noise parameters for detector UNKNOWN-SERIAL: add \[detectors.UNKNOWN-SERIAL\]"
+    ):
         noise_model_for(config, "UNKNOWN-SERIAL")
-    with pytest.raises(ConfigurationError, match=r"\(no Device Serial Number\): add \[detectors.default\].* or pass --gain"):
+    with pytest.raises(
+        ConfigurationError, match=r"\(no Device Serial Number\): add \[detectors.default\].* or pass --gain"
+    ):
         noise_model_for(config, None, or_else="pass --gain")
 
 
@@ -53,11 +57,13 @@ def test_gain_map_is_loaded_relative_to_the_file_and_checked(tmp_path):
 def test_unreadable_or_invalid_gain_map_is_a_configuration_error(tmp_path):
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
     np.save(tmp_path / "zeros.npy", np.zeros((4, 5)))
-    config = load_config(write(
-        tmp_path,
-        "[detectors.A]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\ngain_map = 'broken.npy'\n"
-        "[detectors.B]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\ngain_map = 'zeros.npy'\n",
-    ))
+    config = load_config(
+        write(
+            tmp_path,
+            "[detectors.A]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\ngain_map = 'broken.npy'\n"
+            "[detectors.B]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\ngain_map = 'zeros.npy'\n",
+        )
+    )
     with pytest.raises(ConfigurationError, match="detectors.A.gain_map: cannot read"):
         detector_noise(config, "A")
     with pytest.raises(ConfigurationError, match=r"detectors.B: gain \(λ\) must be positive"):

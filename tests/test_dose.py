@@ -19,7 +19,9 @@ def simulated_statistics(noise: NoiseModel, level: float, gamma: float, seed: in
 def test_low_dose_statistics(noise, level, gamma):
     mean, var = simulated_statistics(noise, level, gamma)
     expected_var = noise.gain * gamma * level + noise.electronic_noise**2 + gamma**2 / 12  # + scaled rounding
-    print(f"γ {gamma} level {level}: mean {mean:.2f}/{gamma * level + noise.offset:.2f} var {var:.2f}/{expected_var:.2f}")
+    print(
+        f"γ {gamma} level {level}: mean {mean:.2f}/{gamma * level + noise.offset:.2f} var {var:.2f}/{expected_var:.2f}"
+    )
     assert mean == pytest.approx(gamma * level + noise.offset, rel=0.005)
     assert var == pytest.approx(expected_var, rel=0.04)
 
@@ -46,14 +48,18 @@ def test_correlated_injection_keeps_the_variance(sim_noise):
     injected = low - gamma * full  # the added noise alone (to first order)
     x = injected - injected.mean()
     correlation = np.mean(x[:, 1:] * x[:, :-1]) / np.mean(x * x)
-    print(f"variance with a correlated kernel {low.var():.1f}/{expected:.1f}, "
-          f"injected neighbour correlation {correlation:.2f}")
+    print(
+        f"variance with a correlated kernel {low.var():.1f}/{expected:.1f}, "
+        f"injected neighbour correlation {correlation:.2f}"
+    )
     assert low.var() == pytest.approx(expected, rel=0.04)
     assert correlation > 0.3
 
 
-@pytest.mark.parametrize("dose_fraction", [pytest.param(0.0, id="zero"), pytest.param(-0.5, id="negative"),
-                                           pytest.param(1.5, id="above-one")])
+@pytest.mark.parametrize(
+    "dose_fraction",
+    [pytest.param(0.0, id="zero"), pytest.param(-0.5, id="negative"), pytest.param(1.5, id="above-one")],
+)
 def test_rejects_bad_dose_fraction(dose_fraction, sim_noise):
     with pytest.raises(ValueError, match="dose fraction"):
         simulate_dose_reduction(np.ones((4, 4)), sim_noise, dose_fraction)

@@ -192,15 +192,19 @@ def test_spool_writes_once_per_store_and_numbers_copies(tmp_path: Path, monkeypa
     spool.prepare()
     calls = count_fsyncs(monkeypatch)
     paths = [spool.store(b"same bytes", "1.2.3", "1.2.3.4", "ab" * 32) for _ in range(3)]
-    assert [p.name for p in paths] == ["1.2.3.4-abababababab.dcm", "1.2.3.4-abababababab-2.dcm",
-                                       "1.2.3.4-abababababab-3.dcm"]
+    assert [p.name for p in paths] == [
+        "1.2.3.4-abababababab.dcm",
+        "1.2.3.4-abababababab-2.dcm",
+        "1.2.3.4-abababababab-3.dcm",
+    ]
     assert all(p.read_bytes() == b"same bytes" for p in paths)
     assert sum(not is_dir for _, is_dir in calls) == 3, "the data is written (and fsynced) once per store"
     assert names(spool.incoming) == []
 
 
-def test_spool_takes_the_next_name_when_another_store_wins_the_race(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spool_takes_the_next_name_when_another_store_wins_the_race(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dicom_node.receive import Spool
 
     spool = Spool(tmp_path / "spool")

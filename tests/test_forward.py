@@ -41,8 +41,9 @@ def mammogram(folder: Path, shape: tuple[int, int] = (64, 48), seed: int = 1) ->
 
 def send(peer: Storescp, path: Path, timeout_s: float = 10) -> SendResult:
     """Send to a storescp peer with the node's sender."""
-    return send_file(path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port,
-                     calling_ae=CALLING_AE, timeout_s=timeout_s)
+    return send_file(
+        path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port, calling_ae=CALLING_AE, timeout_s=timeout_s
+    )
 
 
 def threads_started_since(before: set[threading.Thread]) -> list[str]:
@@ -51,8 +52,12 @@ def threads_started_since(before: set[threading.Thread]) -> list[str]:
 
 def assert_no_new_threads(before: set[threading.Thread], settle_s: float = 1.0) -> None:
     """Every thread started since `before` ends within a short settling time."""
-    wait_until(lambda: not threads_started_since(before), settle_s, interval=0.05,
-               message=lambda: f"threads left running: {threads_started_since(before)}")
+    wait_until(
+        lambda: not threads_started_since(before),
+        settle_s,
+        interval=0.05,
+        message=lambda: f"threads left running: {threads_started_since(before)}",
+    )
 
 
 def test_sent_file_arrives_unchanged(storescp, tmp_path):
@@ -159,16 +164,21 @@ def scripted_scp() -> Iterator[Callable[..., int]]:
     """pynetdicom SCPs answering C-STORE with a chosen status, or taking only a chosen SOP class."""
     servers = []
 
-    def start(status: int = 0, sop_class: str = MG_FOR_PROCESSING, max_associations: int = 10,
-              calling_aets: tuple[str, ...] = ()) -> int:
+    def start(
+        status: int = 0,
+        sop_class: str = MG_FOR_PROCESSING,
+        max_associations: int = 10,
+        calling_aets: tuple[str, ...] = (),
+    ) -> int:
         ae = AE(ae_title="SCRIPTED")
         ae.maximum_associations = max_associations
         ae.require_calling_aet = list(calling_aets)
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         port = free_port()
-        servers.append(ae.start_server(("127.0.0.1", port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, lambda event: status)]))
+        servers.append(
+            ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: status)])
+        )
         return port
 
     try:
@@ -182,9 +192,18 @@ def scripted_scp() -> Iterator[Callable[..., int]]:
 # limitation and processing failure can clear; a refused SOP class, a mismatching data set, an
 # unreadable one and a missing authorisation do not.
 STATUS_OUTCOMES = {
-    0xB000: "ok", 0xB006: "ok", 0xB007: "ok",
-    0xA700: "transient", 0xA7FF: "transient", 0x0213: "transient", 0x0110: "transient",
-    0xA900: "permanent", 0xC000: "permanent", 0xC123: "permanent", 0x0122: "permanent", 0x0124: "permanent",
+    0xB000: "ok",
+    0xB006: "ok",
+    0xB007: "ok",
+    0xA700: "transient",
+    0xA7FF: "transient",
+    0x0213: "transient",
+    0x0110: "transient",
+    0xA900: "permanent",
+    0xC000: "permanent",
+    0xC123: "permanent",
+    0x0122: "permanent",
+    0x0124: "permanent",
 }
 
 
@@ -224,8 +243,7 @@ def test_busy_peer_rejection_is_transient(scripted_scp, tmp_path):
     try:
         assert held.is_established
         path, _ = mammogram(tmp_path)
-        result = send_file(path, ae_title="SCRIPTED", host="127.0.0.1", port=port, calling_ae=CALLING_AE,
-                           timeout_s=5)
+        result = send_file(path, ae_title="SCRIPTED", host="127.0.0.1", port=port, calling_ae=CALLING_AE, timeout_s=5)
     finally:
         held.release()
     print(f"\npeer at its association limit: {result.message}")
@@ -281,10 +299,10 @@ def test_folder_destination_echo_creates_and_checks_the_folder(tmp_path):
 
 def test_make_destination_from_config(tmp_path, storescp):
     peer = storescp()
-    network = make_destination(config.Destination(name="pacs", ae_title="STORESCP", host="127.0.0.1",
-                                                  port=peer.port, timeout_s=7), CALLING_AE)
-    folder = make_destination(config.Destination(name="archive", folder=Path("derived")), CALLING_AE,
-                              base_dir=tmp_path)
+    network = make_destination(
+        config.Destination(name="pacs", ae_title="STORESCP", host="127.0.0.1", port=peer.port, timeout_s=7), CALLING_AE
+    )
+    folder = make_destination(config.Destination(name="archive", folder=Path("derived")), CALLING_AE, base_dir=tmp_path)
     assert isinstance(network, NetworkDestination) and network.timeout_s == 7
     assert isinstance(folder, FolderDestination) and folder.folder == tmp_path / "derived"
     path, _ = mammogram(tmp_path)

@@ -5,11 +5,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
-from dicom_node.errors import InputRefused
 from pydicom.dataset import Dataset
 
-from dicomtools import gdcmconv
+from dicom_node.errors import InputRefused
 from dicom_node.imaging import (
     MG_FOR_PRESENTATION,
     AcquisitionParams,
@@ -18,6 +16,8 @@ from dicom_node.imaging import (
     read_mammogram,
     save_dataset,
 )
+
+from dicomtools import gdcmconv
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -30,8 +30,16 @@ def pixels() -> np.ndarray:
 @pytest.fixture
 def raw(pixels: np.ndarray) -> Dataset:
     return raw_mammogram_dataset(
-        pixels, seed=5, detector_serial="DET-42", station_name="MAMMO-3", kvp=31.0,
-        exposure_mas=87.5, thickness_mm=52.0, pixel_spacing_mm=0.085, laterality="R", view="MLO",
+        pixels,
+        seed=5,
+        detector_serial="DET-42",
+        station_name="MAMMO-3",
+        kvp=31.0,
+        exposure_mas=87.5,
+        thickness_mm=52.0,
+        pixel_spacing_mm=0.085,
+        laterality="R",
+        view="MLO",
     )
 
 
@@ -57,9 +65,18 @@ def test_acquisition_params_from_a_raw_mammogram(raw: Dataset, pixels: np.ndarra
     image = read_mammogram(tmp_path / "raw.dcm")
     assert np.array_equal(image.pixels, pixels) and image.pixels.dtype == np.uint16
     assert image.params == AcquisitionParams(
-        detector_serial="DET-42", station_name="MAMMO-3", manufacturer="SIMULATED",
-        model_name="DICOM-NODE PHANTOM", kvp=31.0, exposure_mas=87.5, body_part_thickness_mm=52.0,
-        pixel_spacing_mm=(0.085, 0.085), bits_stored=14, for_processing=True, laterality="R", view="MLO",
+        detector_serial="DET-42",
+        station_name="MAMMO-3",
+        manufacturer="SIMULATED",
+        model_name="DICOM-NODE PHANTOM",
+        kvp=31.0,
+        exposure_mas=87.5,
+        body_part_thickness_mm=52.0,
+        pixel_spacing_mm=(0.085, 0.085),
+        bits_stored=14,
+        for_processing=True,
+        laterality="R",
+        view="MLO",
     )
     assert image.transfer_syntax_uid == pydicom.uid.ExplicitVRLittleEndian
     assert "PixelData" in image.dataset
@@ -129,7 +146,7 @@ def _corrupt_j2k_codestream(raw: Dataset, pixels: np.ndarray, tmp_path: Path) ->
     data = _j2k(raw, tmp_path)
     start = data.find(bytes.fromhex("ff4fff51"))  # JPEG 2000 start-of-codestream + SIZ markers
     assert start > 0
-    return data[:start] + bytes(16) + data[start + 16:]
+    return data[:start] + bytes(16) + data[start + 16 :]
 
 
 def _two_frames(raw: Dataset, pixels: np.ndarray, tmp_path: Path) -> Dataset:
@@ -153,14 +170,16 @@ def _monochrome1_raw(raw: Dataset, pixels: np.ndarray, tmp_path: Path) -> Datase
 
 # (how the refused input is made, what the refusal says, whether that is the whole line or a part of it)
 REFUSALS = [
-    pytest.param(_ct_image, f"IN.dcm is not a mammogram: SOP Class is CT Image Storage ({CT_IMAGE_STORAGE})", True,
-                 id="ct-image"),
+    pytest.param(
+        _ct_image, f"IN.dcm is not a mammogram: SOP Class is CT Image Storage ({CT_IMAGE_STORAGE})", True, id="ct-image"
+    ),
     pytest.param(_no_pixel_data, "IN.dcm has no pixel data", True, id="no-pixel-data"),
     pytest.param(_text_file, "IN.dcm is not a readable DICOM file: ", False, id="text-file"),
     pytest.param(_short_pixel_data, "has pixel data that cannot be decoded", False, id="short-pixel-data"),
     pytest.param(_truncated_j2k, "truncated", False, id="truncated-jpeg-2000-file"),
-    pytest.param(_corrupt_j2k_codestream, "has pixel data that cannot be decoded", False,
-                 id="corrupt-jpeg-2000-codestream"),
+    pytest.param(
+        _corrupt_j2k_codestream, "has pixel data that cannot be decoded", False, id="corrupt-jpeg-2000-codestream"
+    ),
     pytest.param(_two_frames, "multi-frame (2 frames)", False, id="multi-frame"),
     pytest.param(_eight_bit, "8 bits allocated", False, id="8-bit-pixels"),
     pytest.param(_monochrome1_raw, "Photometric Interpretation MONOCHROME1", False, id="inverted-raw-image"),
@@ -168,8 +187,9 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("make", "expected", "whole_line"), REFUSALS)
-def test_refused_input_gets_one_clear_line(make, expected: str, whole_line: bool, raw: Dataset, pixels: np.ndarray,
-                                           tmp_path: Path) -> None:
+def test_refused_input_gets_one_clear_line(
+    make, expected: str, whole_line: bool, raw: Dataset, pixels: np.ndarray, tmp_path: Path
+) -> None:
     message = _refusal(make(raw, pixels, tmp_path), tmp_path)
     if whole_line:
         assert message == expected

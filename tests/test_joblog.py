@@ -13,8 +13,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
-from dicom_node.errors import InputRefused
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -22,18 +20,27 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import StatementError
 
+from dicom_node.errors import InputRefused
 from dicom_node.joblog import DeliverySnapshot, DeliveryStatus, JobLog, JobSnapshot, JobStatus
 from dicom_node.joblog.tables import Base, Delivery, Job
 
 
 def job_fields(n: int) -> dict:
     return dict(
-        sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{n}", study_instance_uid="1.2.3",
-        series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2.1",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="MAMMO", called_ae="NODE",
-        peer_host="127.0.0.1", station_name="MG1", detector_serial="SN42", profile="default",
+        sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{n}",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2.1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae="MAMMO",
+        called_ae="NODE",
+        peer_host="127.0.0.1",
+        station_name="MG1",
+        detector_serial="SN42",
+        profile="default",
         input_path=f"/spool/{n}.dcm",
-        input_sha256=f"{n:064x}", input_bytes=1000 + n,
+        input_sha256=f"{n:064x}",
+        input_bytes=1000 + n,
     )
 
 
@@ -63,13 +70,20 @@ def claimed(log: JobLog, n: int = 1, worker: str = "w1", lease_s: float = 30) ->
 
 def processed(log: JobLog, job_id: int, worker: str, deliveries: list[tuple[str, str]]) -> bool:
     return log.job_processed(
-        job_id, worker, derived_path=f"/derived/{job_id}.dcm", derived_sop_instance_uid=f"2.25.{job_id}",
-        qc={"snr_gain": 2.0}, timings={"restore": 1.5}, device="cpu", model_digest=None,
+        job_id,
+        worker,
+        derived_path=f"/derived/{job_id}.dcm",
+        derived_sop_instance_uid=f"2.25.{job_id}",
+        qc={"snr_gain": 2.0},
+        timings={"restore": 1.5},
+        device="cpu",
+        model_digest=None,
         deliveries=deliveries,
     )
 
 
 # --- schema ------------------------------------------------------------------------------------
+
 
 def _alembic_config() -> Config:
     config = Config()
@@ -83,8 +97,10 @@ def test_migration_on_empty_file_matches_models_and_sets_pragmas(log, db_path):
     with log.engine.connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() == head
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-        pragmas = {name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
-                   for name in ("journal_mode", "busy_timeout", "foreign_keys")}
+        pragmas = {
+            name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "busy_timeout", "foreign_keys")
+        }
     print("schema diff:", diff, "pragmas:", pragmas)
     assert diff == []
     assert pragmas["journal_mode"] == "wal"
@@ -122,6 +138,7 @@ def test_snapshots_carry_every_column():
 
 
 # --- jobs ----------------------------------------------------------------------------------------
+
 
 def test_received_job_has_aware_utc_times_and_naive_times_are_refused(log):
     before = datetime.now(UTC)
@@ -190,9 +207,23 @@ def test_the_restoration_plan_is_recorded_by_the_lease_holder_and_the_result_nam
     assert log.record_plan(job.id, "w1", pipeline="deep", restorer_options={"model": ""}, dose_fraction=0.5)
     planned = log.get_job(job.id)
     assert (planned.pipeline, planned.restorer_options, planned.dose_fraction, planned.model_name) == (
-        "deep", {"model": ""}, 0.5, None)
-    log.job_processed(job.id, "w1", derived_path="/d.dcm", derived_sop_instance_uid="2.25.9", qc={}, timings={},
-                      device="cpu", model_digest="ab" * 32, deliveries=[], model_name="hresnet-phantom-50")
+        "deep",
+        {"model": ""},
+        0.5,
+        None,
+    )
+    log.job_processed(
+        job.id,
+        "w1",
+        derived_path="/d.dcm",
+        derived_sop_instance_uid="2.25.9",
+        qc={},
+        timings={},
+        device="cpu",
+        model_digest="ab" * 32,
+        deliveries=[],
+        model_name="hresnet-phantom-50",
+    )
     done = log.get_job(job.id)
     assert (done.model_name, done.model_digest, done.device) == ("hresnet-phantom-50", "ab" * 32, "cpu")
 
@@ -232,6 +263,7 @@ def test_failed_job_waits_for_retry_at_or_fails_for_good(log):
 
 
 # --- deliveries ---------------------------------------------------------------------------------
+
 
 def test_deliveries_lifecycle_until_done(log):
     job_id = claimed(log).id
@@ -277,6 +309,7 @@ def test_permanent_delivery_failure_fails_the_job_and_retry_resends_it(log):
 
 # --- IT commands ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["retry", "cancel"])
 def test_retry_and_cancel_of_an_unknown_job_are_refused(log, command):
     with pytest.raises(InputRefused, match="no job"):
@@ -318,8 +351,7 @@ def test_a_send_in_flight_when_cancelled_is_not_retried_until_the_job_is(log):
     processed(log, claimed(log).id, "w1", [("pacs", "derived")])
     sending = log.claim_delivery("f1", 30)
     assert log.cancel(sending.job_id)
-    log.delivery_failed(sending.id, error="association aborted", status=None,
-                        retry_at=datetime.now(UTC))
+    log.delivery_failed(sending.id, error="association aborted", status=None, retry_at=datetime.now(UTC))
     assert log.claim_delivery("f1", 30, now=datetime.now(UTC) + timedelta(hours=1)) is None
     assert log.retry(sending.job_id)
     assert log.claim_delivery("f1", 30).id == sending.id
@@ -342,6 +374,7 @@ def test_list_jobs_filters_and_find_by_sop_instance(log):
 
 
 # --- concurrency ----------------------------------------------------------------------------------
+
 
 def claim_all(url: str, worker: str, ready, go) -> list[tuple[int, str, int]]:
     """Open the log, wait for the start signal, claim until the queue is empty.
@@ -370,8 +403,9 @@ def test_threads_and_processes_claim_every_job_exactly_once(log, db_path):
 
     context = multiprocessing.get_context("spawn")
     ready, go, results = context.Semaphore(0), context.Event(), context.Queue()
-    processes = [context.Process(target=_process_main, args=(url, f"proc{i}", ready, go, results))
-                 for i in range(n_processes)]
+    processes = [
+        context.Process(target=_process_main, args=(url, f"proc{i}", ready, go, results)) for i in range(n_processes)
+    ]
     for process in processes:
         process.start()
     with ThreadPoolExecutor(n_threads) as pool:

@@ -162,4 +162,6 @@ def test_perceptual_losses_refuse_without_a_weights_file(tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ConfigurationError, match=f"{garbage} is not a readable torch state dict"):
         make_loss("pl1", vgg_weights=garbage)
-    assert make_loss("mse", vgg_weights=None)  # the pixel losses need no file
+    pixel = make_loss("mse", vgg_weights=None)  # the pixel losses need no file
+    a, b = torch.zeros(1, 1, 8, 8), torch.full((1, 1, 8, 8), 0.5)
+    assert float(pixel(a, b)) == pytest.approx(0.25)

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
-
-from dicom_node.errors import ConfigurationError, InputRefused
 from scipy import ndimage
 
-from dicom_node.restore.mask import bounding_box, breast_mask
+from dicom_node.errors import ConfigurationError, InputRefused
 from dicom_node.restore.gat_bm3d import GatBm3dRestorer, blend, blend_weights
+from dicom_node.restore.mask import bounding_box, breast_mask
 from dicom_node.restore.noise import NoiseModel
 
 GAIN, SIGMA_E, OFFSET = 0.1, 3.0, 50.0
@@ -123,30 +122,39 @@ def test_noise_aware_weights_give_full_dose_variance():
     reachable = w_low > 0
     print(f"weights reach the target for {reachable.mean():.0%} of the cases")
     np.testing.assert_allclose(w_low + w_estimate, q, rtol=1e-12)
-    np.testing.assert_allclose(output_variance[reachable], NOISE.variance((estimate - OFFSET) / r)[reachable], rtol=1e-9)
+    np.testing.assert_allclose(
+        output_variance[reachable], NOISE.variance((estimate - OFFSET) / r)[reachable], rtol=1e-9
+    )
 
 
-@pytest.mark.parametrize("dose_fraction", [0, -0.5, 1.5, float("nan"), "0.5"],
-                         ids=["zero", "negative", "above-one", "nan", "a-string"])
+@pytest.mark.parametrize(
+    "dose_fraction", [0, -0.5, 1.5, float("nan"), "0.5"], ids=["zero", "negative", "above-one", "nan", "a-string"]
+)
 def test_rejects_bad_dose_fraction(dose_fraction):
     with pytest.raises(InputRefused, match="dose_fraction"):
         GatBm3dRestorer(denoiser=SpyDenoiser()).restore(np.full((64, 64), 100.0), NOISE, dose_fraction)
 
 
-@pytest.mark.parametrize(("image", "noise", "match"), [
-    pytest.param(np.ones((4, 64, 64)), NOISE, "2-D", id="three-dimensional"),
-    pytest.param(np.where(np.eye(64) > 0, np.nan, 100.0), NOISE, "NaN", id="nan-pixels"),
-    pytest.param(np.ones((64, 64)), NoiseModel(np.full((32, 32), 0.1), 3.0, 50.0), "gain map", id="gain-map-shape"),
-])
+@pytest.mark.parametrize(
+    ("image", "noise", "match"),
+    [
+        pytest.param(np.ones((4, 64, 64)), NOISE, "2-D", id="three-dimensional"),
+        pytest.param(np.where(np.eye(64) > 0, np.nan, 100.0), NOISE, "NaN", id="nan-pixels"),
+        pytest.param(np.ones((64, 64)), NoiseModel(np.full((32, 32), 0.1), 3.0, 50.0), "gain map", id="gain-map-shape"),
+    ],
+)
 def test_rejects_bad_images(image, noise, match):
     with pytest.raises(InputRefused, match=match):
         GatBm3dRestorer(denoiser=SpyDenoiser()).restore(image, noise, 0.5)
 
 
-@pytest.mark.parametrize(("options", "match"), [
-    pytest.param({"margin": 8}, "margin", id="margin-too-small"),
-    pytest.param({"blend": "magic"}, "plain", id="unknown-blend"),
-])
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        pytest.param({"margin": 8}, "margin", id="margin-too-small"),
+        pytest.param({"blend": "magic"}, "plain", id="unknown-blend"),
+    ],
+)
 def test_rejects_bad_settings(options, match):
     with pytest.raises(ConfigurationError, match=match):
         GatBm3dRestorer(**options)

@@ -13,6 +13,7 @@ from dicom_node.restore.registry import create_restorer
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mnse
 from dicom_node.sim.phantom import make_phantom
+
 from dicomtools import sim_noise_model
 
 DOSE = 0.5
@@ -49,14 +50,18 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
         exact = exact_noise_bias(stack, phantom.signal, phantom.mask)
         retention = calcification_retention(stack.mean(0), phantom.signal, phantom.calcifications, phantom.mask)
         figures[group] = (protocol, exact)
-        print(f"{name} {group}: MNSE {100 * protocol.mnse:.2f}% RN {100 * protocol.rn:.2f}% "
-              f"B² {100 * protocol.b2:.3f}% | exact RN {100 * exact.rn:.2f}% B² {100 * exact.b2:.3f}% "
-              f"| calcification contrast kept {retention:.2f}")
+        print(
+            f"{name} {group}: MNSE {100 * protocol.mnse:.2f}% RN {100 * protocol.rn:.2f}% "
+            f"B² {100 * protocol.b2:.3f}% | exact RN {100 * exact.rn:.2f}% B² {100 * exact.b2:.3f}% "
+            f"| calcification contrast kept {retention:.2f}"
+        )
 
     fd, ld, mb, na = (figures[g][0] for g in ("FD", "LD", "MB", "MB noise-aware"))
     fd_exact, mb_exact, na_exact = figures["FD"][1], figures["MB"][1], figures["MB noise-aware"][1]
-    print(f"{name}: RN/RN_FD plain {mb.rn / fd.rn:.3f}, noise-aware {na.rn / fd.rn:.3f}; "
-          f"MNSE/MNSE_LD plain {mb.mnse / ld.mnse:.3f}, noise-aware {na.mnse / ld.mnse:.3f}")
+    print(
+        f"{name}: RN/RN_FD plain {mb.rn / fd.rn:.3f}, noise-aware {na.rn / fd.rn:.3f}; "
+        f"MNSE/MNSE_LD plain {mb.mnse / ld.mnse:.3f}, noise-aware {na.mnse / ld.mnse:.3f}"
+    )
     # The default (plain) blend: far below the input's noise (RN_LD ≈ 2·RN_FD) with a small bias,
     # but short of the full-dose level on a textured breast (the BM3D estimate keeps some noise).
     assert 0.9 < mb.rn / fd.rn < 1.8 and 0.9 < mb_exact.rn / fd_exact.rn < 1.8

@@ -29,9 +29,18 @@ from peers import Orthanc, free_port, storescu, wait_for_port, wait_until
 NODE_BIN = str(Path(sys.executable).with_name("dicom-node"))
 
 
-def write_config(folder: Path, node_port: int, pacs_port: int, *, lease_s: float = 30, send_timeout_s: float = 10,
-                 selftest_port: int = 11113, forward_original: bool = False, pipeline: str = "gat-bm3d",
-                 workers: int = 1) -> Path:
+def write_config(
+    folder: Path,
+    node_port: int,
+    pacs_port: int,
+    *,
+    lease_s: float = 30,
+    send_timeout_s: float = 10,
+    selftest_port: int = 11113,
+    forward_original: bool = False,
+    pipeline: str = "gat-bm3d",
+    workers: int = 1,
+) -> Path:
     path = folder / "node.toml"
     sim = sim_noise_model()  # the detector the inputs come from
     path.write_text(f"""
@@ -91,8 +100,9 @@ class RunningNode:
 
     def start(self) -> RunningNode:
         with open(self.log_path, "a") as log:
-            self.process = subprocess.Popen([NODE_BIN, "serve", "--config", str(self.config_path)],
-                                            stdout=log, stderr=log, cwd=self.folder)
+            self.process = subprocess.Popen(
+                [NODE_BIN, "serve", "--config", str(self.config_path)], stdout=log, stderr=log, cwd=self.folder
+            )
         wait_for_port(self.port, self.process, 60, "the node", details=lambda: f":\n{self.log()[-3000:]}")
         return self
 
@@ -118,9 +128,15 @@ class RunningNode:
             jobs[:] = self.joblog().list_jobs(limit=None)
             return list(jobs) if len(jobs) >= count and all(str(j.status) == status for j in jobs) else []
 
-        return wait_until(all_reached, timeout, interval=0.5, message=lambda: (
-            f"jobs did not all reach {status}: {[(j.id, str(j.status), j.last_error) for j in jobs]}\n"
-            f"{self.log()[-4000:]}"))
+        return wait_until(
+            all_reached,
+            timeout,
+            interval=0.5,
+            message=lambda: (
+                f"jobs did not all reach {status}: {[(j.id, str(j.status), j.last_error) for j in jobs]}\n"
+                f"{self.log()[-4000:]}"
+            ),
+        )
 
     def deliveries(self) -> list:
         """Every delivery of every job."""
@@ -128,8 +144,9 @@ class RunningNode:
         return [d for j in joblog.list_jobs(limit=None) for d in joblog.deliveries(j.id)]
 
     def worker_pids(self) -> list[int]:
-        children = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)],
-                                  capture_output=True, text=True).stdout.splitlines()
+        children = subprocess.run(
+            ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.process.pid)], capture_output=True, text=True
+        ).stdout.splitlines()
         return [int(line.split()[0]) for line in children if "spawn_main" in line]
 
 
@@ -244,8 +261,9 @@ def test_a_worker_started_alone_takes_the_jobs(tmp_path, pacs, node_factory):
     [queued] = node.joblog().list_jobs()
     assert str(queued.status) == "received" and queued.claimed_at is None  # nobody restores it yet
     with open(tmp_path / "worker.log", "w") as log:
-        worker = subprocess.Popen([NODE_BIN, "worker", "--config", str(node.config_path)], stdout=log, stderr=log,
-                                  cwd=node.folder)
+        worker = subprocess.Popen(
+            [NODE_BIN, "worker", "--config", str(node.config_path)], stdout=log, stderr=log, cwd=node.folder
+        )
     try:
         [job] = node.wait_for_jobs(1)
         pacs.wait_for(job.derived_sop_instance_uid)
@@ -259,13 +277,18 @@ def test_pacs_down_then_up_everything_is_delivered(tmp_path, node_factory):
     node = node_factory(pacs.dicom_port)
     sources = [make_input(tmp_path, seed=s) for s in (10, 11, 12)]
     assert storescu(node.port, *sources).returncode == 0
+
     def all_failed_once() -> list:
         deliveries = node.deliveries()
         return deliveries if len(deliveries) == 3 and all(d.attempts >= 1 and d.last_error for d in deliveries) else []
 
     # Wait until the node has tried and failed at least once.
-    deliveries = wait_until(all_failed_once, 120, interval=0.5,
-                            message=lambda: f"deliveries never failed while PACS was down:\n{node.log()[-3000:]}")
+    deliveries = wait_until(
+        all_failed_once,
+        120,
+        interval=0.5,
+        message=lambda: f"deliveries never failed while PACS was down:\n{node.log()[-3000:]}",
+    )
     print("while down:", [d.last_error for d in deliveries])
     pacs.start()
     try:
@@ -282,8 +305,12 @@ def test_stalled_receiver_trips_the_watchdog_and_the_job_retries(tmp_path, node_
     node = node_factory(stalled.port, send_timeout_s=3)
     # A large image, so that the sender blocks in socket.send while the receiver sleeps.
     assert storescu(node.port, make_input(tmp_path, seed=20, shape=(1536, 1024))).returncode == 0
-    [delivery] = wait_until(lambda: [d for d in node.deliveries() if d.attempts >= 2], 240, interval=0.5,
-                            message=lambda: f"the send was never retried:\n{node.log()[-3000:]}")
+    [delivery] = wait_until(
+        lambda: [d for d in node.deliveries() if d.attempts >= 2],
+        240,
+        interval=0.5,
+        message=lambda: f"the send was never retried:\n{node.log()[-3000:]}",
+    )
     print("stalled send:", delivery.last_error, "attempts", delivery.attempts)
     assert "watchdog" in delivery.last_error or "no answer" in delivery.last_error
     assert node.process.poll() is None  # the node is still serving
@@ -293,8 +320,11 @@ def test_worker_killed_mid_job_completes_after_restart_with_one_copy_in_pacs(tmp
     node = node_factory(pacs.dicom_port, lease_s=4)
     source = make_input(tmp_path, seed=30, shape=(1024, 832))
     assert storescu(node.port, source).returncode == 0
-    wait_until(lambda: [j for j in node.joblog().list_jobs(limit=None) if str(j.status) == "processing"], 60,
-               message=lambda: f"the job was never claimed:\n{node.log()[-3000:]}")
+    wait_until(
+        lambda: [j for j in node.joblog().list_jobs(limit=None) if str(j.status) == "processing"],
+        60,
+        message=lambda: f"the job was never claimed:\n{node.log()[-3000:]}",
+    )
     pids = node.worker_pids()
     assert pids, "no worker process found"
     for pid in pids:
@@ -306,8 +336,9 @@ def test_worker_killed_mid_job_completes_after_restart_with_one_copy_in_pacs(tmp
     assert "died" in node.log()
 
 
-def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serving(tmp_path, pacs, node_factory,
-                                                                                    monkeypatch):
+def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serving(
+    tmp_path, pacs, node_factory, monkeypatch
+):
     node = node_factory(pacs.dicom_port)
     source = make_input(tmp_path, seed=40)
     rejected = storescu(node.port, source, calling="STRANGER")
@@ -350,8 +381,13 @@ def test_unknown_calling_ae_rejected_and_corrupt_dataset_refused_node_keeps_serv
 
 
 def node_command(node: RunningNode, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([NODE_BIN, *args, "--config", str(node.config_path)], capture_output=True, text=True,
-                          timeout=300, cwd=node.folder)
+    return subprocess.run(
+        [NODE_BIN, *args, "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=node.folder,
+    )
 
 
 def test_selftest_and_the_commands_for_it(tmp_path, pacs, node_factory):
@@ -374,8 +410,12 @@ def test_selftest_and_the_commands_for_it(tmp_path, pacs, node_factory):
     assert echo.returncode == 0 and "ok" in echo.stdout, echo.stderr
     check = node_command(node, "check-config")
     assert check.returncode == 0 and "valid" in check.stdout, check.stderr
-    for args, fragment in ((("cancel", str(jobs[0]["id"])), "done"), (("retry", "999"), "999"),
-                           (("echo", "nowhere"), "no destination"), (("jobs", "--status", "lost"), "--status")):
+    for args, fragment in (
+        (("cancel", str(jobs[0]["id"])), "done"),
+        (("retry", "999"), "999"),
+        (("echo", "nowhere"), "no destination"),
+        (("jobs", "--status", "lost"), "--status"),
+    ):
         bad = node_command(node, *args)
         print(bad.stderr.strip())
         assert bad.returncode != 0 and fragment in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, args
@@ -383,8 +423,9 @@ def test_selftest_and_the_commands_for_it(tmp_path, pacs, node_factory):
 
 def test_check_config_reports_an_unreachable_destination(tmp_path):
     config = write_config(tmp_path, free_port(), free_port())
-    result = subprocess.run([NODE_BIN, "check-config", "--config", str(config)], capture_output=True, text=True,
-                            timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [NODE_BIN, "check-config", "--config", str(config)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     print(result.stdout, result.stderr)
     assert result.returncode != 0 and "pacs" in result.stderr and "connection refused" in result.stdout
 
@@ -404,8 +445,12 @@ def test_embedded_defaults_serve_to_the_outbox_folder(tmp_path, monkeypatch):
         result = storescu(defaults.node.port, source, calling="ANY_MODALITY")
         assert result.returncode == 0, result.stderr
         outbox = folder / "data" / "outbox"
-        [written] = wait_until(lambda: list(outbox.glob("*.dcm")), 120, interval=0.5,
-                               message=lambda: f"nothing reached {outbox}{node_log()}")
+        [written] = wait_until(
+            lambda: list(outbox.glob("*.dcm")),
+            120,
+            interval=0.5,
+            message=lambda: f"nothing reached {outbox}{node_log()}",
+        )
         assert dcmread(written).SourceImageSequence[0].ReferencedSOPInstanceUID == dcmread(source).SOPInstanceUID
         assert dciodvfy_errors(written) == []
     finally:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from dicom_node.errors import ConfigurationError
-
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
 

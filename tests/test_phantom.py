@@ -26,8 +26,10 @@ def test_shape_determinism_and_speed():
 def test_physics_of_the_image(seed):
     phantom = make_phantom((512, 416), seed=seed)
     signal, mask = phantom.signal, phantom.mask
-    print(f"seed {seed}: breast fraction {mask.mean():.2f}, breast median {np.median(signal[mask]):.0f}, "
-          f"background median {np.median(signal[~mask]):.0f}, calcifications {len(phantom.calc_clusters)}")
+    print(
+        f"seed {seed}: breast fraction {mask.mean():.2f}, breast median {np.median(signal[mask]):.0f}, "
+        f"background median {np.median(signal[~mask]):.0f}, calcifications {len(phantom.calc_clusters)}"
+    )
     assert 0.15 < mask.mean() < 0.9
     assert np.median(signal[~mask]) > 2 * np.median(signal[mask])  # direct exposure is brighter
     assert signal.max() < 2**14 - 100  # within 14 bits at full dose, before noise

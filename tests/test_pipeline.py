@@ -1,15 +1,15 @@
 """The plan of a restoration (profiles checked against the registry) and how failures become job states."""
 
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from dicom_node.config import load_config
 from dicom_node.errors import ConfigurationError, InputRefused, Unavailable
-from dicom_node.joblog.tables import JobStatus
 from dicom_node.joblog import JobSnapshot
+from dicom_node.joblog.tables import JobStatus
 from dicom_node.pipeline.processing import Plan, check_profiles
 from dicom_node.pipeline.worker import outcome_of
 
@@ -53,16 +53,19 @@ def test_profile_keys_beyond_the_schema_are_the_restorers_options(tmp_path):
 
 
 def job(attempts: int) -> JobSnapshot:
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     fields = {name: None for name in JobSnapshot.__dataclass_fields__}
     return replace(JobSnapshot(**fields), id=1, status=JobStatus.processing, attempts=attempts, received_at=now)
 
 
-NOW = datetime(2026, 1, 1, 0, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
 
 
-@pytest.mark.parametrize("error", [InputRefused("not a mammogram"), ConfigurationError("no detector entry")],
-                         ids=["input-refused", "configuration"])
+@pytest.mark.parametrize(
+    "error",
+    [InputRefused("not a mammogram"), ConfigurationError("no detector entry")],
+    ids=["input-refused", "configuration"],
+)
 def test_refused_input_and_wrong_configuration_fail_the_job_at_once(error):
     outcome = outcome_of(error, job(1), load_config(), NOW)
     assert outcome.retry_at is None and outcome.error == str(error) and not outcome.traceback

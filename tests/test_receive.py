@@ -84,13 +84,18 @@ def send_files_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_config(data_dir: Path, *, sources: list[dict] | None = None, **node: Any) -> Config:
-    return parse_config({
-        "node": {"ae_title": NODE, "bind": "127.0.0.1", "data_dir": str(data_dir), "min_free_disk_mb": 0, **node},
-        "sources": [{"ae_title": "MAMMO1", "profile": "half"}, {"ae_title": "MAMMO2", "profile": "deep"}]
-        if sources is None else sources,
-        "profiles": {"half": {"pipeline": "gat-bm3d", "dose_fraction": 0.5},
-                     "deep": {"pipeline": "deep", "model": "unet-v3", "dose_fraction": 0.25}},
-    })
+    return parse_config(
+        {
+            "node": {"ae_title": NODE, "bind": "127.0.0.1", "data_dir": str(data_dir), "min_free_disk_mb": 0, **node},
+            "sources": [{"ae_title": "MAMMO1", "profile": "half"}, {"ae_title": "MAMMO2", "profile": "deep"}]
+            if sources is None
+            else sources,
+            "profiles": {
+                "half": {"pipeline": "gat-bm3d", "dose_fraction": 0.5},
+                "deep": {"pipeline": "deep", "model": "unet-v3", "dose_fraction": 0.25},
+            },
+        }
+    )
 
 
 @pytest.fixture
@@ -120,8 +125,9 @@ def mammogram(folder: Path, seed: int, shape: tuple[int, int] = (96, 80)) -> tup
     return path, ds
 
 
-def storescu(port: int, path: Path, *options: str, calling: str = "MAMMO1", called: str = NODE
-             ) -> subprocess.CompletedProcess:
+def storescu(
+    port: int, path: Path, *options: str, calling: str = "MAMMO1", called: str = NODE
+) -> subprocess.CompletedProcess:
     """peers.storescu, verbose (the tests read the association's details) and printed."""
     result = run_storescu(port, path, calling=calling, called=called, options=("-v", *options))
     print(f"storescu exit {result.returncode}: {result.stdout}{result.stderr}".strip())
@@ -172,10 +178,12 @@ def file_with_body(path: Path, dataset_bytes: bytes, sop_instance_uid: str = "1.
 
 def test_receive_imports_no_restoration_code() -> None:
     """The modality is answered in milliseconds: no torch, scipy or restorer on the receive path."""
-    probe = ("import sys, dicom_node.receive; "
-             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'bm3d') "
-             "or m.startswith('dicom_node.restore.') and m != 'dicom_node.restore.noise' "
-             "or m in ('dicom_node.pipeline.processing', 'dicom_node.sim')))")
+    probe = (
+        "import sys, dicom_node.receive; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'bm3d') "
+        "or m.startswith('dicom_node.restore.') and m != 'dicom_node.restore.noise' "
+        "or m in ('dicom_node.pipeline.processing', 'dicom_node.sim')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 
@@ -200,26 +208,37 @@ def test_accepted_contexts_are_the_lossless_syntaxes(serve) -> None:
 
 
 def test_allowlist_matches_ae_and_network() -> None:
-    config = make_config(Path("unused"), sources=[
-        {"ae_title": "UNIT", "hosts": ["10.1.0.0/16"], "profile": "half"},
-        {"ae_title": "UNIT", "hosts": ["10.2.0.7"], "profile": "deep"},
-    ])
+    config = make_config(
+        Path("unused"),
+        sources=[
+            {"ae_title": "UNIT", "hosts": ["10.1.0.0/16"], "profile": "half"},
+            {"ae_title": "UNIT", "hosts": ["10.2.0.7"], "profile": "deep"},
+        ],
+    )
     allow = AllowList(config)
     assert allow.admit("UNIT", "10.1.200.3") == "half"
     assert allow.admit("UNIT  ", "::ffff:10.2.0.7") == "deep"  # dual-stack peers and padded AE titles
     assert AllowList(make_config(Path("unused"), sources=[])).admit("ANYONE", "192.0.2.1") == "half"
 
 
-@pytest.mark.parametrize(("calling", "host"), [
-    pytest.param("UNIT", "10.3.0.1", id="host-outside-the-networks"),
-    pytest.param("OTHER", "10.1.0.1", id="unknown-ae-inside-a-network"),
-    pytest.param("UNIT", "not-an-address", id="host-not-an-address"),
-])
+@pytest.mark.parametrize(
+    ("calling", "host"),
+    [
+        pytest.param("UNIT", "10.3.0.1", id="host-outside-the-networks"),
+        pytest.param("OTHER", "10.1.0.1", id="unknown-ae-inside-a-network"),
+        pytest.param("UNIT", "not-an-address", id="host-not-an-address"),
+    ],
+)
 def test_allowlist_refuses(calling: str, host: str) -> None:
-    allow = AllowList(make_config(Path("unused"), sources=[
-        {"ae_title": "UNIT", "hosts": ["10.1.0.0/16"], "profile": "half"},
-        {"ae_title": "UNIT", "hosts": ["10.2.0.7"], "profile": "deep"},
-    ]))
+    allow = AllowList(
+        make_config(
+            Path("unused"),
+            sources=[
+                {"ae_title": "UNIT", "hosts": ["10.1.0.0/16"], "profile": "half"},
+                {"ae_title": "UNIT", "hosts": ["10.2.0.7"], "profile": "deep"},
+            ],
+        )
+    )
     with pytest.raises(Refused) as refused:
         allow.admit(calling, host)
     assert refused.value.rejection == CALLING_AE_NOT_RECOGNISED
@@ -242,14 +261,23 @@ def test_storescu_image_is_spooled_and_recorded(serve, tmp_path: Path) -> None:
     assert np.array_equal(received.pixel_array, sent.pixel_array)
     assert body(spooled) == body(path)
     assert spooled == scp.spool.root / sent.StudyInstanceUID / (
-        f"{sent.SOPInstanceUID}-{hashlib.sha256(data).hexdigest()[:12]}.dcm")
+        f"{sent.SOPInstanceUID}-{hashlib.sha256(data).hexdigest()[:12]}.dcm"
+    )
     assert first.fields == {
-        "sop_instance_uid": sent.SOPInstanceUID, "study_instance_uid": sent.StudyInstanceUID,
-        "series_instance_uid": sent.SeriesInstanceUID, "sop_class_uid": MG_FOR_PROCESSING,
-        "transfer_syntax_uid": ExplicitVRLittleEndian, "calling_ae": "MAMMO1", "called_ae": NODE,
-        "peer_host": "127.0.0.1", "station_name": "SIMULATOR", "detector_serial": "SIM-0001",
-        "profile": "half", "input_path": str(spooled),
-        "input_sha256": hashlib.sha256(data).hexdigest(), "input_bytes": len(data),
+        "sop_instance_uid": sent.SOPInstanceUID,
+        "study_instance_uid": sent.StudyInstanceUID,
+        "series_instance_uid": sent.SeriesInstanceUID,
+        "sop_class_uid": MG_FOR_PROCESSING,
+        "transfer_syntax_uid": ExplicitVRLittleEndian,
+        "calling_ae": "MAMMO1",
+        "called_ae": NODE,
+        "peer_host": "127.0.0.1",
+        "station_name": "SIMULATOR",
+        "detector_serial": "SIM-0001",
+        "profile": "half",
+        "input_path": str(spooled),
+        "input_sha256": hashlib.sha256(data).hexdigest(),
+        "input_bytes": len(data),
     }
     assert second.fields["profile"] == "deep"  # the restoration plan is decided by the worker at claim time
     assert list(scp.spool.incoming.iterdir()) == []
@@ -282,21 +310,29 @@ def test_lossless_encodings_are_kept_as_received(encoding: str, serve, tmp_path:
 
 def test_echoscu_is_answered(serve) -> None:
     scp, _ = serve()
-    result = subprocess.run([require_tool("echoscu"), "-aet", "MAMMO1", "-aec", NODE, "127.0.0.1", str(scp.port)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [require_tool("echoscu"), "-aet", "MAMMO1", "-aec", NODE, "127.0.0.1", str(scp.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # Association rejection
 
 
-@pytest.mark.parametrize(("calling", "called", "hosts", "reason"), [
-    pytest.param("STRANGER", NODE, [], "Calling AE Title Not Recognized", id="unknown-calling-ae"),
-    pytest.param("MAMMO1", "SOMEONE", [], "Called AE Title Not Recognized", id="wrong-called-ae"),
-    pytest.param("MAMMO1", NODE, ["10.0.0.0/8"], "Calling AE Title Not Recognized", id="host-outside-the-network"),
-])
-def test_association_rejected_with_reason(calling: str, called: str, hosts: list[str], reason: str,
-                                          serve, tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize(
+    ("calling", "called", "hosts", "reason"),
+    [
+        pytest.param("STRANGER", NODE, [], "Calling AE Title Not Recognized", id="unknown-calling-ae"),
+        pytest.param("MAMMO1", "SOMEONE", [], "Called AE Title Not Recognized", id="wrong-called-ae"),
+        pytest.param("MAMMO1", NODE, ["10.0.0.0/8"], "Calling AE Title Not Recognized", id="host-outside-the-network"),
+    ],
+)
+def test_association_rejected_with_reason(
+    calling: str, called: str, hosts: list[str], reason: str, serve, tmp_path: Path, caplog
+) -> None:
     caplog.set_level(logging.INFO, logger="dicom_node.receive")
     config = make_config(tmp_path / "node", sources=[{"ae_title": "MAMMO1", "hosts": hosts, "profile": "half"}])
     scp, sink = serve(config)
@@ -352,8 +388,9 @@ def test_association_limit_refuses_more(serve, tmp_path: Path, caplog) -> None:
     assert stored_ok(storescu(scp.port, mammogram(tmp_path, seed=16)[0]))
 
 
-def test_admission_check_failing_rejects_instead_of_accepting(serve, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_admission_check_failing_rejects_instead_of_accepting(
+    serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scp, sink = serve()
 
     def broken(calling_ae: str, peer_host: str) -> str:
@@ -433,18 +470,23 @@ def _no_instance_uid() -> Dataset:
 UNREADABLE = [
     pytest.param(lambda: b"\x08\x00\x18\x00UI\xff\xff" + bytes(range(256)) * 4, "1.2.3.4", None, id="garbage"),
     pytest.param(lambda: _encode(_no_instance_uid()), "1.2.3.4", None, id="no-SOPInstanceUID"),
-    pytest.param(lambda: _encode(_with(_no_instance_uid(), SOPInstanceUID="../../x")), "../../x", None,
-                 id="path-in-a-UID"),
-    pytest.param(lambda: _encode(_with(_no_instance_uid(), SOPInstanceUID="1.2.3.4",
-                                       SOPClassUID="1.2.840.10008.5.1.4.1.1.2")), "1.2.3.4", 0xA900,
-                 id="class-differs-from-the-context"),
+    pytest.param(
+        lambda: _encode(_with(_no_instance_uid(), SOPInstanceUID="../../x")), "../../x", None, id="path-in-a-UID"
+    ),
+    pytest.param(
+        lambda: _encode(_with(_no_instance_uid(), SOPInstanceUID="1.2.3.4", SOPClassUID="1.2.840.10008.5.1.4.1.1.2")),
+        "1.2.3.4",
+        0xA900,
+        id="class-differs-from-the-context",
+    ),
 ]
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")  # the node reading junk
 @pytest.mark.parametrize(("dataset_bytes", "sop_instance_uid", "also_accepted"), UNREADABLE)
-def test_unreadable_dataset_fails_and_node_keeps_serving(dataset_bytes: Callable[[], bytes], sop_instance_uid: str,
-                                                         also_accepted: int | None, serve, tmp_path: Path) -> None:
+def test_unreadable_dataset_fails_and_node_keeps_serving(
+    dataset_bytes: Callable[[], bytes], sop_instance_uid: str, also_accepted: int | None, serve, tmp_path: Path
+) -> None:
     scp, sink = serve()
     path = file_with_body(tmp_path / "bad.dcm", dataset_bytes(), sop_instance_uid=sop_instance_uid)
     status = send_with_pynetdicom(scp.port, path)
@@ -526,7 +568,9 @@ def test_full_size_store_time(serve, tmp_path: Path, caplog) -> None:
         assert stored_ok(storescu(scp.port, path))
         runs_ms.append((time.perf_counter() - started) * 1e3)
     handler = [r.getMessage().rsplit(", ", 1)[-1] for r in caplog.records if ": job " in r.getMessage()]
-    print(f"{path.stat().st_size / 1e6:.1f} MB 4096x3328 uint16 via storescu: whole run (process start, "
-          f"association, transfer, answer) {', '.join(f'{ms:.0f}' for ms in runs_ms)} ms; "
-          f"handler (header, sha256, spool+fsync, job) {', '.join(handler)}")
+    print(
+        f"{path.stat().st_size / 1e6:.1f} MB 4096x3328 uint16 via storescu: whole run (process start, "
+        f"association, transfer, answer) {', '.join(f'{ms:.0f}' for ms in runs_ms)} ms; "
+        f"handler (header, sha256, spool+fsync, job) {', '.join(handler)}"
+    )
     assert len(sink.jobs) == 3 and len(handler) == 3

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from dicom_node.errors import ConfigurationError
-
 from dicom_node.restore.gat_bm3d import GatBm3dRestorer
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import (
@@ -28,10 +27,13 @@ def test_gat_bm3d_is_registered():
     assert isinstance(restorer, GatBm3dRestorer) and restorer.name == "gat-bm3d" and restorer.margin == 48
 
 
-@pytest.mark.parametrize(("name", "options", "match"), [
-    pytest.param("nope", {}, "unknown restorer 'nope'.*gat-bm3d", id="unknown-restorer"),
-    pytest.param("gat-bm3d", {"denoiser": "fast"}, "unknown denoiser 'fast'.*bm3d", id="unknown-denoiser"),
-])
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        pytest.param("nope", {}, "unknown restorer 'nope'.*gat-bm3d", id="unknown-restorer"),
+        pytest.param("gat-bm3d", {"denoiser": "fast"}, "unknown denoiser 'fast'.*bm3d", id="unknown-denoiser"),
+    ],
+)
 def test_unknown_name_lists_the_available_ones(name, options, match):
     with pytest.raises(ConfigurationError, match=match):
         create_restorer(name, **options)

@@ -11,11 +11,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -26,9 +26,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomtools import dcmtk_convert, gdcmconv, transfer_syntax_of
 from dicom_node.errors import InputRefused
 from dicom_node.imaging import LOSSLESS_TRANSFER_SYNTAXES, raw_mammogram_dataset, read_mammogram, save_dataset
+
+from dicomtools import dcmtk_convert, gdcmconv, transfer_syntax_of
 
 MAX_14_BIT = (1 << 14) - 1
 
@@ -52,10 +53,12 @@ def raw_file(original: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _pydicom_rewrite(syntax: str) -> Callable[[Path, Path], None]:
     """Write the same dataset in an uncompressed syntax with pydicom."""
+
     def rewrite(source: Path, target: Path) -> None:
         ds = pydicom.dcmread(source)
         ds.file_meta.TransferSyntaxUID = syntax
         ds.save_as(target, enforce_file_format=True)
+
     return rewrite
 
 
@@ -64,6 +67,7 @@ def _pydicom_compress(syntax: str) -> Callable[[Path, Path], None]:
         ds = pydicom.dcmread(source)
         ds.compress(syntax, generate_instance_uid=False)
         ds.save_as(target, enforce_file_format=True)
+
     return compress
 
 
@@ -105,8 +109,9 @@ def test_every_accepted_syntax_is_exercised() -> None:
 
 
 @pytest.mark.parametrize("encoding", LOSSLESS_ENCODINGS)
-def test_lossless_syntax_decodes_bit_exactly(encoding: str, raw_file: Path, original: np.ndarray,
-                                            tmp_path: Path) -> None:
+def test_lossless_syntax_decodes_bit_exactly(
+    encoding: str, raw_file: Path, original: np.ndarray, tmp_path: Path
+) -> None:
     syntax, encode = LOSSLESS_ENCODINGS[encoding]
     target = tmp_path / f"{encoding}.dcm"
     encode(raw_file, target)

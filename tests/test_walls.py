@@ -64,10 +64,16 @@ def _imported_names(module: str, is_package: bool, tree: ast.AST) -> set[str]:
 
 
 def _imports_dynamically(tree: ast.AST) -> bool:
-    return any(isinstance(node, ast.Call) and (
-        isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
-        or isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__"))
-        for node in ast.walk(tree))
+    return any(
+        isinstance(node, ast.Call)
+        and (
+            isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            or isinstance(node.func, ast.Name)
+            and node.func.id in ("import_module", "__import__")
+        )
+        for node in ast.walk(tree)
+    )
 
 
 def _string_literals(tree: ast.AST) -> set[str]:
@@ -145,16 +151,34 @@ def graph() -> ImportGraph:
 
 NOT_IN_RESTORATION = (
     # DICOM, network, database and configuration code, external …
-    "pydicom", "pynetdicom", "sqlalchemy", "alembic", "apscheduler", "socket", "http", "urllib", "fastapi",
+    "pydicom",
+    "pynetdicom",
+    "sqlalchemy",
+    "alembic",
+    "apscheduler",
+    "socket",
+    "http",
+    "urllib",
+    "fastapi",
     # … and the node's own.
-    "dicom_node.config", "dicom_node.imaging", "dicom_node.joblog", "dicom_node.receive", "dicom_node.forward",
-    "dicom_node.pipeline", "dicom_node.node", "dicom_node.cli", "dicom_node.tools", "dicom_node.detectors",
+    "dicom_node.config",
+    "dicom_node.imaging",
+    "dicom_node.joblog",
+    "dicom_node.receive",
+    "dicom_node.forward",
+    "dicom_node.pipeline",
+    "dicom_node.node",
+    "dicom_node.cli",
+    "dicom_node.tools",
+    "dicom_node.detectors",
 )
 
 WALLS = {
     # The science runs without DICOM, a network, a database or a configuration file (the trainer uses it too).
     "restore-and-sim-know-no-dicom-network-database-or-config": (
-        ("dicom_node.restore", "dicom_node.sim"), NOT_IN_RESTORATION),
+        ("dicom_node.restore", "dicom_node.sim"),
+        NOT_IN_RESTORATION,
+    ),
     # The modality is answered in milliseconds: no torch and no restorer on the receive path.
     "receive-imports-neither-torch-nor-restore": (("dicom_node.receive",), ("torch", "dicom_node.restore")),
     # The trainer builds on the node, never the other way round.
@@ -167,8 +191,9 @@ def test_wall(graph: ImportGraph, wall: str) -> None:
     prefixes, forbidden = WALLS[wall]
     starts = [m for prefix in prefixes for m in graph.under(prefix)]
     assert starts, f"no modules under {prefixes}"
-    reached = sorted({name for start in starts for name, chain in graph.chains_from(start).items()
-                      if name not in graph.modules})
+    reached = sorted(
+        {name for start in starts for name, chain in graph.chains_from(start).items() if name not in graph.modules}
+    )
     print(f"{wall}: {len(starts)} modules; external packages reached: {', '.join(reached)}")
     found = violations(graph, starts, forbidden)
     assert not found, f"{wall}: {len(found)} forbidden imports:\n" + "\n".join(found)
@@ -177,8 +202,9 @@ def test_wall(graph: ImportGraph, wall: str) -> None:
 def test_walker_sees_the_project_imports(graph: ImportGraph) -> None:
     """The walls are not vacuous: the walker finds imports that are known to be there."""
     assert {"dicom_node.restore.noise", "dicom_node.receive.scp", "trainer.cli"} <= set(graph.modules)
-    pipeline = {name: chain for start in graph.under("dicom_node.pipeline")
-                for name, chain in graph.chains_from(start).items()}
+    pipeline = {
+        name: chain for start in graph.under("dicom_node.pipeline") for name, chain in graph.chains_from(start).items()
+    }
     restoration = sorted(name for name in pipeline if _within(name, "dicom_node.restore"))
     print("dicom_node.pipeline reaches", restoration)
     assert "dicom_node.restore.registry" in restoration, "the pipeline must reach the restorers"
