@@ -63,7 +63,7 @@ def selftest(
     report = run_selftest(load_config(config), size=parse_size(size), timeout_s=timeout)
     typer.echo(f"selftest passed: job {report.job_id}, {report.sop_instance_uid} → {report.derived_sop_instance_uid}")
     for stage, seconds in report.stages_s.items():
-        typer.echo(f"  {stage:<8} {seconds:8.2f} s")
+        typer.echo(f"  {stage:<8} " + ("       - (not recorded)" if seconds is None else f"{seconds:8.2f} s"))
 
 
 def check_config(

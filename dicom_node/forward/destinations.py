@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from dicom_node import config
 from dicom_node.config import Config
+from dicom_node.config import Destination as DestinationEntry
 from dicom_node.errors import ConfigurationError
 from dicom_node.files import write_atomically
 from dicom_node.forward import scu
@@ -32,7 +32,10 @@ _NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST}
 class Destination(Protocol):
     """What the forwarder needs of any destination."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The destination's name in the configuration."""
+        ...
 
     def send(self, path: Path) -> SendResult:
         """Deliver one DICOM file."""
@@ -129,7 +132,7 @@ class FolderDestination:
         return SendResult(False, True, None, f"{self.folder}: cannot write: {reason}", 0.0)
 
 
-def make_destination(cfg: config.Destination, calling_ae: str, *, base_dir: Path | None = None) -> Destination:
+def make_destination(cfg: DestinationEntry, calling_ae: str, *, base_dir: Path | None = None) -> Destination:
     """The destination a [[destinations]] entry describes; the node's AE title calls PACS.
 
     A relative folder is taken relative to ``base_dir`` (the configuration file's folder).
@@ -137,6 +140,8 @@ def make_destination(cfg: config.Destination, calling_ae: str, *, base_dir: Path
     if cfg.folder is not None:
         folder = cfg.folder if base_dir is None else base_dir / cfg.folder
         return FolderDestination(cfg.name, folder)
+    if cfg.ae_title is None or cfg.host is None or cfg.port is None:  # DestinationEntry validates this
+        raise ConfigurationError(f"destination {cfg.name!r} needs ae_title, host and port (or a folder)")
     return NetworkDestination(cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from dicom_node.config import Config
 from dicom_node.forward.destinations import Destination, SendResult, make_destination
 from dicom_node.forward.retry import next_attempt_at
-from dicom_node.joblog import JobLog
+from dicom_node.joblog import DeliverySnapshot, JobLog
 
 log = logging.getLogger("dicom_node.forward")
 
@@ -43,16 +43,20 @@ class Dispatcher:
             attempted += 1
         return attempted
 
-    def send(self, delivery) -> SendResult:
+    def send(self, delivery: DeliverySnapshot) -> SendResult:
         job = self.joblog.get_job(delivery.job_id)
+        if job is None:  # a delivery's job is never deleted before it (foreign key)
+            raise RuntimeError(f"delivery {delivery.id}: job {delivery.job_id} is not in the job log")
         destination = self.destinations.get(delivery.destination)
         if destination is None:
             result = SendResult(
                 False, False, None, f"destination {delivery.destination!r} is no longer configured", 0.0
             )
         else:
-            path = Path(job.derived_path if delivery.kind == "derived" else job.input_path)
-            result = destination.send(path)
+            source = job.derived_path if delivery.kind == "derived" else job.input_path
+            if source is None:  # a "derived" delivery is queued only with its derived image
+                raise RuntimeError(f"job {job.id}: delivery {delivery.id} of the derived image, but none is recorded")
+            result = destination.send(Path(source))
         if result.ok:
             self.joblog.delivery_sent(delivery.id, status=result.status or 0, send_s=result.seconds)
             log.info("job %s: %s sent to %s in %.2f s", job.id, delivery.kind, delivery.destination, result.seconds)

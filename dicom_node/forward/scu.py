@@ -26,7 +26,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
 LOG = logging.getLogger(__name__)
@@ -220,12 +220,15 @@ def _interrupt(assoc: Association | None) -> None:
 def _not_established(assoc: Association, peer: str, *, opened: bool, host: str, port: int) -> SendResult:
     if assoc.is_rejected:
         rejection = assoc.acceptor.primitive
+        assert rejection is not None  # pynetdicom keeps the A-ASSOCIATE-RJ before it sets is_rejected
         reason = _first_lower(rejection.reason_str)
         if rejection.result == 2:
             return _transient(f"{peer}: association rejected transiently: {reason}")
         return _permanent(f"{peer}: association rejected permanently: {reason}")
     if assoc.rejected_contexts and not assoc.accepted_contexts:  # pynetdicom aborts such an association
-        refused = ", ".join(sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts}))
+        # Every requested context names its abstract syntax.
+        syntaxes = [cx.abstract_syntax for cx in assoc.rejected_contexts if cx.abstract_syntax is not None]
+        refused = ", ".join(sorted({UID(syntax).name for syntax in syntaxes}))
         return _permanent(f"{peer}: does not accept {refused} (no presentation context accepted)")
     if opened:
         return _transient(f"{peer}: association aborted or not answered during negotiation")

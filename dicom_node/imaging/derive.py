@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicom_node import __version__
 from dicom_node.files import write_atomically
@@ -46,7 +46,7 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
-IMPLEMENTATION_CLASS_UID = derived_uid("dicom-node implementation")
+IMPLEMENTATION_CLASS_UID = UID(derived_uid("dicom-node implementation"))
 
 
 def code_item(value: str, scheme: str, meaning: str) -> Dataset:

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import InputRefused
@@ -135,10 +135,14 @@ class JobLog:
         A lease that ran out but was not yet taken is still renewed: nobody else acted on it.
         """
         with self._transaction() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.processing, Job.lease_owner == worker)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            # An UPDATE's result is a CursorResult (it has rowcount); Session.execute is typed as Result.
+            result = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.processing, Job.lease_owner == worker)
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+                ),
             )
             return result.rowcount == 1
 
@@ -319,15 +323,21 @@ class JobLog:
         """Put rows whose lease ran out back in the queue (their worker died); returns how many."""
         now = now or utcnow()
         with self._transaction() as session:
-            jobs = session.execute(
-                update(Job)
-                .where(Job.status == JobStatus.processing, Job.lease_expires_at < now)
-                .values(status=JobStatus.received, lease_owner=None, lease_expires_at=None)
+            jobs = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(Job)
+                    .where(Job.status == JobStatus.processing, Job.lease_expires_at < now)
+                    .values(status=JobStatus.received, lease_owner=None, lease_expires_at=None)
+                ),
             )
-            deliveries = session.execute(
-                update(Delivery)
-                .where(Delivery.status == DeliveryStatus.sending, Delivery.lease_expires_at < now)
-                .values(status=DeliveryStatus.pending, lease_owner=None, lease_expires_at=None, next_attempt_at=now)
+            deliveries = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.status == DeliveryStatus.sending, Delivery.lease_expires_at < now)
+                    .values(status=DeliveryStatus.pending, lease_owner=None, lease_expires_at=None, next_attempt_at=now)
+                ),
             )
             return jobs.rowcount + deliveries.rowcount
 
@@ -398,9 +408,12 @@ class JobLog:
         self,
         status: JobStatus | str | None = None,
         since: datetime | None = None,
-        limit: int = 100,
+        limit: int | None = 100,
     ) -> list[JobSnapshot]:
-        """The newest jobs first, optionally only one status and only those received since `since`."""
+        """The newest jobs first, optionally only one status and only those received since `since`.
+
+        At most `limit` jobs; None: all of them.
+        """
         query = select(Job).order_by(Job.id.desc()).limit(limit)
         if status is not None:
             query = query.where(Job.status == JobStatus(status))

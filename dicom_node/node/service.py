@@ -13,6 +13,7 @@ import multiprocessing
 import signal
 import threading
 import time
+from multiprocessing.context import SpawnProcess
 
 from dicom_node.config import Config
 from dicom_node.forward.dispatch import Dispatcher
@@ -48,7 +49,7 @@ class Node:
         self.dispatcher = Dispatcher(config, self.joblog)
         self.scheduler = build_scheduler(config, self.joblog, self.dispatcher)
         self._context = multiprocessing.get_context("spawn")
-        self.workers: list[multiprocessing.Process] = []
+        self.workers: list[SpawnProcess] = []
         self.restarts = 0
 
     @property
@@ -68,7 +69,7 @@ class Node:
             len(self.workers),
         )
 
-    def _start_worker(self, index: int) -> multiprocessing.Process:
+    def _start_worker(self, index: int) -> SpawnProcess:
         process = self._context.Process(
             target=_worker_process, args=(self.config,), name=f"worker-{index}", daemon=True
         )

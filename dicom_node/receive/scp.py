@@ -13,14 +13,17 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from io import BytesIO
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
 
 from dicom_node.config import Config
 from dicom_node.errors import InputRefused, NodeError, Unavailable
@@ -35,6 +38,11 @@ from dicom_node.receive.allowlist import (
 )
 from dicom_node.receive.spool import Spool
 
+if TYPE_CHECKING:
+    from pynetdicom.events import EventHandlerType
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.transport import ThreadedAssociationServer
+
 log = logging.getLogger("dicom_node.receive")
 
 SUCCESS = 0x0000
@@ -47,16 +55,38 @@ _MEGABYTE = 1 << 20
 
 
 class JobRecord(Protocol):
-    input_sha256: str
-    status: str
+    """What the duplicate check reads of a job; `status` may be a str, a StrEnum or a plain Enum."""
+
+    @property
+    def input_sha256(self) -> str: ...
+
+    @property
+    def status(self) -> str | Enum: ...
 
 
 class JobSink(Protocol):
     """Where received images become jobs; dicom_node.joblog.JobLog is the real one."""
 
-    def record_received(self, **fields: Any) -> int: ...
+    def record_received(
+        self,
+        *,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax_uid: str,
+        calling_ae: str,
+        called_ae: str,
+        peer_host: str | None,
+        station_name: str | None,
+        detector_serial: str | None,
+        profile: str,
+        input_path: str,
+        input_sha256: str,
+        input_bytes: int,
+    ) -> int: ...
 
-    def find_by_sop_instance(self, uid: str) -> list[JobRecord]: ...
+    def find_by_sop_instance(self, uid: str) -> Sequence[JobRecord]: ...
 
 
 class NotUnderstood(InputRefused):
@@ -136,6 +166,13 @@ def _status_name(job: JobRecord) -> str:
     return str(getattr(job.status, "value", job.status))
 
 
+def _primitive(primitive: A_ASSOCIATE | None, side: str) -> A_ASSOCIATE:
+    """The A-ASSOCIATE primitive of one side; pynetdicom sets it before the events handled here fire."""
+    if primitive is None:
+        raise RuntimeError(f"the association has no A-ASSOCIATE primitive of the {side}")
+    return primitive
+
+
 def _status(code: int, comment: str) -> Dataset:
     """A C-STORE failure status with an Error Comment the sender's log shows (LO: 64 characters)."""
     status = Dataset()
@@ -156,7 +193,7 @@ class StorageSCP:
         self.allowlist = AllowList(config)
         self.spool = Spool(config.data_dir / "spool")
         self._requested_port = config.node.port if port is None else port
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         # Serialises the duplicate check with the job insert per SOP Instance UID (striped, so
         # different images from parallel associations do not wait for each other).
         self._uid_locks = [threading.Lock() for _ in range(64)]
@@ -180,7 +217,7 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for sop_class in (MG_FOR_PROCESSING, MG_FOR_PRESENTATION):
             ae.add_supported_context(sop_class, LOSSLESS_TRANSFER_SYNTAXES)
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -189,6 +226,7 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        # Non-blocking, start_server always returns the server.
         self._server = ae.start_server((node.bind, self._requested_port), block=False, evt_handlers=handlers)
         if self.allowlist.is_open:
             log.warning(
@@ -248,7 +286,7 @@ class StorageSCP:
         Fails closed: pynetdicom would accept the association if this handler raised.
         """
         assoc = event.assoc
-        request = assoc.requestor.primitive
+        request = _primitive(assoc.requestor.primitive, "requestor")
         calling_ae, host = request.calling_ae_title.strip(), assoc.requestor.address
         rejection: Rejection | None = None
         try:
@@ -265,10 +303,10 @@ class StorageSCP:
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejection: in this node only max_associations leads there."""
-        reply = event.assoc.acceptor.primitive
+        reply = _primitive(event.assoc.acceptor.primitive, "acceptor")
         log.warning(
             "association %s@%s rejected by the association limit (%d): result %d, source %d, reason %d",
-            event.assoc.requestor.primitive.calling_ae_title.strip(),
+            _primitive(event.assoc.requestor.primitive, "requestor").calling_ae_title.strip(),
             event.assoc.requestor.address,
             self.config.node.max_associations,
             reply.result,
@@ -294,10 +332,11 @@ class StorageSCP:
         started = time.perf_counter()
         requestor = event.assoc.requestor
         calling_ae, host = requestor.ae_title.strip(), requestor.address
-        request = event.request
+        request = cast(C_STORE, event.request)  # EVT_C_STORE's request is a C-STORE
         data = event.encoded_dataset()
         try:
-            header = read_header(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
+            # A UID missing from the request ("") matches no dataset's: read_header refuses it.
+            header = read_header(data, request.AffectedSOPClassUID or "", request.AffectedSOPInstanceUID or "")
             # Admitted at association time; read again because a store does not carry it along.
             profile_name = self.allowlist.admit(calling_ae, host)
             job_id = self._accept(
@@ -305,7 +344,7 @@ class StorageSCP:
                 data,
                 profile_name,
                 calling_ae=calling_ae,
-                called_ae=requestor.primitive.called_ae_title.strip(),
+                called_ae=_primitive(requestor.primitive, "requestor").called_ae_title.strip(),
                 peer_host=host,
                 transfer_syntax_uid=str(event.context.transfer_syntax),
             )

@@ -51,15 +51,15 @@ def calibrate_flat_fields(
     `roi_fraction` is the side of the central ROI as a fraction of the image side.
     """
     stack = _validated_stack(images, exposures)
-    exposures = np.asarray(exposures, dtype=np.float64)
-    distinct, group_of = np.unique(exposures, return_inverse=True)
+    exposure = np.asarray(exposures, dtype=np.float64)
+    distinct, group_of = np.unique(exposure, return_inverse=True)
     if distinct.size < 2:
         raise InputRefused("calibration needs flat fields at 2 or more distinct exposures")
     roi = _central_roi(stack.shape[1:], roi_fraction)
 
     roi_means = stack[:, roi[0], roi[1]].mean(axis=(1, 2))
-    slope, offset = np.polyfit(exposures, roi_means, 1)
-    offset_fit_r2 = _r_squared(roi_means, slope * exposures + offset)
+    slope, offset = np.polyfit(exposure, roi_means, 1)
+    offset_fit_r2 = _r_squared(roi_means, slope * exposure + offset)
 
     groups = [stack[group_of == g] for g in range(distinct.size)]
     means = np.array([g[:, roi[0], roi[1]].mean() - offset for g in groups])
@@ -126,7 +126,9 @@ def estimate_noise_from_image(
     if usable.sum() < 100 * bins:
         raise InputRefused("too few usable pixels to estimate the noise from this image")
 
-    means, variances, counts = [], [], []
+    bin_means: list[float] = []
+    bin_variances: list[float] = []
+    bin_counts: list[int] = []
     edges = np.quantile(local_mean[usable], np.linspace(0, 1, bins + 1))
     which = np.digitize(local_mean[usable], edges[1:-1])
     values, levels = high_pass[usable], local_mean[usable]
@@ -135,10 +137,10 @@ def estimate_noise_from_image(
         if in_bin.size < 50:
             continue
         mad = np.median(np.abs(in_bin - np.median(in_bin)))
-        means.append(levels[which == b].mean())
-        variances.append((1.4826 * mad) ** 2)
-        counts.append(in_bin.size)
-    means, variances, counts = map(np.asarray, (means, variances, counts))
+        bin_means.append(levels[which == b].mean())
+        bin_variances.append((1.4826 * mad) ** 2)
+        bin_counts.append(in_bin.size)
+    means, variances, counts = np.asarray(bin_means), np.asarray(bin_variances), np.asarray(bin_counts)
     weights = counts / variances**2  # a variance estimate's own variance grows as its square
     if electronic_variance is not None:
         gain = np.sum(weights * means * (variances - electronic_variance)) / np.sum(weights * means**2)
@@ -166,7 +168,11 @@ def _validated_stack(images: Sequence[np.ndarray], exposures: Sequence[float]) -
 def _central_roi(shape: tuple[int, ...], fraction: float) -> tuple[slice, slice]:
     if not 0 < fraction <= 1:
         raise InputRefused(f"roi_fraction must be in (0, 1], got {fraction}")
-    return tuple(slice(int(n * (1 - fraction) / 2), int(n * (1 + fraction) / 2)) for n in shape)
+
+    def centred(n: int) -> slice:
+        return slice(int(n * (1 - fraction) / 2), int(n * (1 + fraction) / 2))
+
+    return centred(shape[0]), centred(shape[1])
 
 
 def _noise_fields(group: np.ndarray) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
 
 from dicom_node.config import SELFTEST_PROFILE, Config, Destination, Profile
 from dicom_node.detectors import detector_noise
@@ -61,7 +61,7 @@ class SelftestReport:
     sop_instance_uid: str
     derived_sop_instance_uid: str
     job_id: int
-    stages_s: dict[str, float] = field(default_factory=dict)
+    stages_s: dict[str, float | None] = field(default_factory=dict)  # None: the job log has no time for it
     qc: dict[str, float] = field(default_factory=dict)
 
 

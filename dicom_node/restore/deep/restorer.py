@@ -7,7 +7,7 @@ imports this module to list restorers) stays cheap and torch-free.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from pydantic import Field
@@ -98,7 +98,8 @@ class DeepRestorer:
         lap("load")
         # Like the MB path: the network sees the breast's bounding box (it was trained on breast
         # patches); the direct-exposure background outside it is rescaled linearly.
-        breast = BreastBox.of(raw, noise, max(_BOX_MARGIN, net.receptive_field_radius))
+        radius = cast(int, net.receptive_field_radius)  # every network of the registry declares it
+        breast = BreastBox.of(raw, noise, max(_BOX_MARGIN, radius))
         box_noise = breast.crop_noise(noise)
         image = linear_rescale(raw, noise, dose_fraction)
         x = normalisation.to_network(breast.crop(raw), box_noise, dose_fraction)

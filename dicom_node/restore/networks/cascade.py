@@ -9,6 +9,8 @@ Pair it with a residual second network (hresnet, resnet-at, dncnn) to keep that 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -20,7 +22,9 @@ class Cascade(nn.Module):
         super().__init__()
         self.first = first
         self.second = second
-        self.receptive_field_radius = first.receptive_field_radius + second.receptive_field_radius
+        # Every network of the registry declares its radius as an int (an nn.Module attribute is untyped).
+        radius = cast(int, first.receptive_field_radius) + cast(int, second.receptive_field_radius)
+        self.receptive_field_radius = radius
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
