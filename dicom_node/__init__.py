@@ -1,3 +1,3 @@
 """A DICOM node that restores low-dose raw mammograms to full-dose quality."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -125,7 +125,7 @@ def restorer_names() -> list[str]:
 
 
 def check_restorer_options(name: str, options: Mapping[str, Any]) -> RestorerOptions:
-    """The validated options of restorer `name`; ConfigurationError naming the first bad key."""
+    """The validated options of restorer `name`; ConfigurationError naming every bad key."""
     _import_builtins()
     entry = _REGISTRY.get(name)
     if entry is None:
@@ -133,13 +133,11 @@ def check_restorer_options(name: str, options: Mapping[str, Any]) -> RestorerOpt
     try:
         return entry.options(**options)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors():
-            key = ".".join(str(part) for part in item["loc"])
-            message = "unknown option" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(
-                f"{key}: {message}" + (f" for restorer {name}" if item["type"] == "extra_forbidden" else "")
-            )
+        problems = [
+            f"{'.'.join(map(str, item['loc']))}: "
+            + (f"unknown option for restorer {name}" if item["type"] == "extra_forbidden" else item["msg"])
+            for item in exc.errors()
+        ]
         raise ConfigurationError("; ".join(problems)) from None
 
 
