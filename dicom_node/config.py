@@ -114,6 +114,9 @@ class Detector(_Strict):
     electronic_noise: float = Field(ge=0)  # σ_e, standard deviation in ADU
     offset: float  # τ, ADU
     gain_map: Path | None = None  # optional per-pixel λ map (.npy), relative to the config file
+    noise_kernel: Path | None = (
+        None  # optional GAT-domain noise correlation kernel κ (.npy, odd sides, ‖κ‖₂ = 1); none: white
+    )
 
 
 class WorkerSettings(_Strict):

@@ -2,7 +2,7 @@
 
 The one place that answers "is this detector configured?" for every caller (the worker,
 `process`, `demo`, `phantom`, the selftest, the trainer's data): it picks the entry for a Device
-Serial Number, loads its gain map, and says which entry to add when there is none.
+Serial Number, loads its gain map and noise kernel, and says which entry to add when there is none.
 """
 
 from __future__ import annotations
@@ -26,15 +26,18 @@ def detector_entry(config: Config, serial: str | None) -> str | None:
 
 
 def detector_noise(config: Config, name: str, shape: tuple[int, ...] | None = None) -> NoiseModel:
-    """The noise model of entry `name`, with its gain map loaded (and checked against `shape`)."""
+    """The noise model of entry `name`, with its gain map (checked against `shape`) and noise kernel loaded."""
     if name not in config.detectors:
         raise ConfigurationError(f"detector {name!r} is not in {_where(config)}: add [detectors.{name}]")
     detector = config.detectors[name]
     gain: float | np.ndarray = detector.gain
     if detector.gain_map is not None:
         gain = _load_gain_map(config.resolve(detector.gain_map), name, shape)
+    kernel = None
+    if detector.noise_kernel is not None:
+        kernel = _load_noise_kernel(config.resolve(detector.noise_kernel), name)
     try:
-        return NoiseModel(gain, detector.electronic_noise, detector.offset)
+        return NoiseModel(gain, detector.electronic_noise, detector.offset, kernel)
     except ConfigurationError as exc:
         raise ConfigurationError(f"detectors.{name}: {exc}") from None
 
@@ -67,6 +70,22 @@ def _load_gain_map(path: Path, name: str, shape: tuple[int, ...] | None) -> np.n
             f"but the image is {'×'.join(map(str, shape))}"
         )
     return gain
+
+
+def _load_noise_kernel(path: Path, name: str) -> np.ndarray:
+    key = f"detectors.{name}.noise_kernel"
+    try:
+        kernel = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"{key}: cannot read {path}: {exc}") from None
+    if not isinstance(kernel, np.ndarray) or not np.issubdtype(kernel.dtype, np.number) or np.iscomplexobj(kernel):
+        raise ConfigurationError(f"{key}: {path} does not hold an array of real numbers")
+    kernel = kernel.astype(np.float64)
+    try:
+        NoiseModel(1.0, 0.0, 0.0, kernel)  # the model's own rules: 2-D, odd sides, finite, unit energy
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{key}: {path}: {exc}") from None
+    return kernel
 
 
 def _where(config: Config) -> str:

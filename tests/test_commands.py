@@ -76,8 +76,17 @@ def test_calibrate_recovers_the_simulated_detector(capsys, tmp_path):
     assert len(files) == 8
     assert dciodvfy_errors(files[0]) == []
     entry_file = tmp_path / "detector.toml"
+    kernel_file = tmp_path / "kernel.npy"
     code, _, err = run(
-        capsys, "calibrate", *files, "--output", str(entry_file), "--gain-map", str(tmp_path / "gain.npy")
+        capsys,
+        "calibrate",
+        *files,
+        "--output",
+        str(entry_file),
+        "--gain-map",
+        str(tmp_path / "gain.npy"),
+        "--noise-kernel",
+        str(kernel_file),
     )
     print(err)
     assert code == 0, err
@@ -87,9 +96,62 @@ def test_calibrate_recovers_the_simulated_detector(capsys, tmp_path):
     assert entry["offset"] == pytest.approx(truth.offset, abs=2.0)
     assert entry["gain"] == pytest.approx(truth.gain, rel=0.05)
     assert entry["electronic_noise"] == pytest.approx(truth.electronic_noise, rel=0.3)
+    # The simulated detector's noise is white: the neighbour correlation is printed, no kernel is stored.
+    assert "noise correlation at 100, 150 mAs: neighbours" in err and "white within the measurement error" in err
+    assert "noise_kernel" not in entry and not kernel_file.exists()
     # The written entry is a valid detector section that the node can load, gain map included.
     config = load_config(entry_file)
-    assert detector_noise(config, "SIM-0001", (256, 208)).gain.shape == (256, 208)
+    noise = detector_noise(config, "SIM-0001", (256, 208))
+    assert noise.gain.shape == (256, 208) and noise.kernel is None
+
+
+def test_calibrate_stores_the_kernel_of_correlated_noise(capsys, tmp_path):
+    """Flat fields of a detector with 3×3 crosstalk (strength 0.5) → an entry whose noise_kernel loads.
+
+    `phantom` simulates the configured detector's kernel; at these exposures (8000–12000 ADU,
+    λ = 0.1, σe = 3) quantum noise is 99 % of the variance, so the GAT-domain kernel is close to
+    the crosstalk kernel itself: its neighbour correlation is α·0.642 with α ≈ 0.991.
+    """
+    from dicom_node.sim.acquisition import crosstalk_kernel
+
+    crosstalk = crosstalk_kernel(0.5)
+    np.save(tmp_path / "crosstalk.npy", crosstalk)
+    simulated = tmp_path / "simulated.toml"
+    simulated.write_text(
+        "[detectors.CSI-0001]\ngain = 0.1\nelectronic_noise = 3.0\noffset = 50.0\nnoise_kernel = 'crosstalk.npy'\n"
+    )
+    flats = tmp_path / "flats"
+    args = ("--flat-field", "--size", "256x208", "--detector", "CSI-0001", "--config", str(simulated))
+    code, _, err = run(capsys, "phantom", str(flats), *args)
+    assert code == 0, err
+    files = sorted(str(p) for p in flats.glob("*.dcm"))
+
+    (tmp_path / "node").mkdir()
+    entry_file = tmp_path / "node" / "detector.toml"
+    kernel_file = tmp_path / "node" / "detectors" / "CSI-0001-kernel.npy"
+    kernel_file.parent.mkdir()
+    code, out, err = run(capsys, "calibrate", *files, "--output", str(entry_file), "--noise-kernel", str(kernel_file))
+    assert code == 0, err
+    report = err
+    assert "correlated, 3×3 kernel" in err and f"noise kernel stored in {kernel_file}" in err
+    entry = tomllib.loads(entry_file.read_text())["detectors"]["CSI-0001"]
+    assert entry["noise_kernel"] == "detectors/CSI-0001-kernel.npy"  # relative to the entry's file
+    assert entry["gain"] == pytest.approx(0.1, rel=0.05)
+    noise = detector_noise(load_config(entry_file), "CSI-0001")
+    kernel = np.load(kernel_file)
+    assert np.array_equal(noise.kernel, kernel) and abs(np.sum(kernel**2) - 1) < 1e-9
+    alpha = np.mean([0.1 * s / (0.1 * s + 9.0) for s in (8000.0, 12000.0)])
+    expected = alpha * float(np.sum(crosstalk[1:, :] * crosstalk[:-1, :]))
+    measured = float(np.sum(kernel[1:, :] * kernel[:-1, :]))
+    report += f"entry {entry}; kernel's neighbour correlation {measured:.4f}, expected {expected:.4f}"
+    assert measured == pytest.approx(expected, abs=0.02)
+
+    # Without --noise-kernel the entry cannot name a kernel, and calibrate says how to store it.
+    capsys.readouterr()  # what this test printed so far
+    code, out, err = run(capsys, "calibrate", *files)
+    assert code == 0 and "pass --noise-kernel" in err
+    assert "noise_kernel" not in tomllib.loads(out)["detectors"]["CSI-0001"]
+    print(report)
 
 
 def test_calibrate_needs_two_exposures(capsys, tmp_path):

@@ -68,3 +68,54 @@ def test_unreadable_or_invalid_gain_map_is_a_configuration_error(tmp_path):
         detector_noise(config, "A")
     with pytest.raises(ConfigurationError, match=r"detectors.B: gain \(λ\) must be positive"):
         detector_noise(config, "B")
+
+
+def test_noise_kernel_is_loaded_relative_to_the_file(tmp_path):
+    kernel = np.outer([0.5, 1.0, 0.5], [0.5, 1.0, 0.5])
+    kernel /= np.sqrt(np.sum(kernel**2))
+    (tmp_path / "detectors").mkdir()
+    np.save(tmp_path / "detectors" / "kernel.npy", kernel)
+    config = load_config(
+        write(
+            tmp_path,
+            "[detectors.SN1]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\nnoise_kernel = 'detectors/kernel.npy'\n"
+            "[detectors.SN2]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\n",
+        )
+    )
+    noise = detector_noise(config, "SN1")
+    assert np.array_equal(noise.kernel, kernel)
+    assert detector_noise(config, "SN2").kernel is None  # no key: white noise
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        pytest.param(b"not numpy", "cannot read", id="unreadable"),
+        pytest.param(np.ones((2, 2)) / 2, "odd sides", id="even-sides"),
+        pytest.param(np.ones((3, 3)), "unit energy", id="not-unit-energy"),
+        pytest.param(np.full((3, 3), np.nan), "unit energy", id="nan"),
+        pytest.param(np.array(["a"]), "real numbers", id="strings"),
+        pytest.param(np.ones((1, 3, 3)) / 3, "odd sides", id="three-d"),
+    ],
+)
+def test_unreadable_or_invalid_noise_kernel_is_a_configuration_error(tmp_path, content, match):
+    path = tmp_path / "kernel.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content)
+    config = load_config(
+        write(tmp_path, "[detectors.A]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\nnoise_kernel = 'kernel.npy'\n")
+    )
+    with pytest.raises(ConfigurationError, match=rf"^detectors\.A\.noise_kernel: .*{match}") as info:
+        detector_noise(config, "A")
+    print(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_noise_kernel_file_names_the_key(tmp_path):
+    config = load_config(
+        write(tmp_path, "[detectors.A]\ngain = 0.1\nelectronic_noise = 3\noffset = 50\nnoise_kernel = 'absent.npy'\n")
+    )
+    with pytest.raises(ConfigurationError, match=r"detectors\.A\.noise_kernel: cannot read .*absent\.npy"):
+        detector_noise(config, "A")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dicom_node.restore.noise import NoiseModel
-from dicom_node.sim.acquisition import acquire, crosstalk_kernel
+from dicom_node.sim.acquisition import acquire, crosstalk_kernel, gaussian_kernel
 from dicom_node.sim.dose import simulate_dose_reduction
 
 
@@ -54,6 +54,59 @@ def test_correlated_injection_keeps_the_variance(sim_noise):
     )
     assert low.var() == pytest.approx(expected, rel=0.04)
     assert correlation > 0.3
+
+
+def test_a_correlated_detector_stays_correlated_at_low_dose(sim_noise):
+    """Full dose acquired with the detector's kernel, reduced with the same (its default): the
+    low-dose noise has the variance of the model and the full-dose image's correlation."""
+    kernel = gaussian_kernel(1.0)
+    noise = NoiseModel(sim_noise.gain, sim_noise.electronic_noise, sim_noise.offset, kernel)
+    level, gamma = 4000.0, 0.5
+    full = acquire(np.full((800, 800), level), noise, 1.0, rng_or_seed=21).astype(float)
+    low = simulate_dose_reduction(full, noise, gamma, 22)
+    real_low = acquire(np.full((800, 800), level), noise, gamma, rng_or_seed=23).astype(float)
+    expected_var = noise.gain * gamma * level + noise.electronic_noise**2 + gamma**2 / 12
+    print(
+        f"variance {low.var():.1f}/{expected_var:.1f}; neighbour correlation full {neighbour_correlation(full):.3f}, "
+        f"simulated low {neighbour_correlation(low):.3f}, acquired low {neighbour_correlation(real_low):.3f}"
+    )
+    assert low.mean() == pytest.approx(gamma * level + noise.offset, rel=0.002)
+    assert low.var() == pytest.approx(expected_var, rel=0.04)
+    assert neighbour_correlation(low) == pytest.approx(neighbour_correlation(real_low), abs=0.02)
+    assert neighbour_correlation(low) > 0.6
+    # An explicit kernel overrides the detector's; a 1×1 kernel injects white noise.
+    assert np.array_equal(low, simulate_dose_reduction(full, sim_noise, gamma, 22, kernel=kernel))
+    white = simulate_dose_reduction(full, noise, gamma, 22, kernel=np.ones((1, 1)))
+    assert np.array_equal(white, simulate_dose_reduction(full, sim_noise, gamma, 22))
+
+
+def test_a_stack_of_patches_takes_a_2d_kernel_frame_by_frame(sim_noise):
+    """trainer/ passes [patch, row, column] stacks; a 2-D kernel and a [1, k, k] one are the same."""
+    patches = acquire(np.full((6, 32, 32), 2000.0), sim_noise, 1.0, rng_or_seed=24).astype(float)
+    kernel = crosstalk_kernel(0.5)
+    as_2d = simulate_dose_reduction(patches, sim_noise, 0.5, 25, kernel=kernel)
+    as_3d = simulate_dose_reduction(patches, sim_noise, 0.5, 25, kernel=kernel[None])
+    assert as_2d.shape == patches.shape and np.array_equal(as_2d, as_3d)
+    first = simulate_dose_reduction(patches[:1], sim_noise, 0.5, 25, kernel=kernel)
+    assert not np.allclose(first[0], as_2d[1])
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param(np.ones((3, 3)), id="not-unit-energy"),
+        pytest.param(np.ones((2, 2)) / 2, id="even-side"),
+        pytest.param(np.ones((3, 3, 3)) / np.sqrt(27), id="3-D"),
+    ],
+)
+def test_rejects_bad_kernels(kernel, sim_noise):
+    with pytest.raises(ValueError, match="noise kernel"):
+        simulate_dose_reduction(np.full((8, 8), 500.0), sim_noise, 0.5, 0, kernel=kernel)
+
+
+def neighbour_correlation(image: np.ndarray) -> float:
+    x = image - image.mean()
+    return float(np.mean(x[:, 1:] * x[:, :-1]) / np.mean(x * x))
 
 
 @pytest.mark.parametrize(

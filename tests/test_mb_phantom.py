@@ -2,15 +2,17 @@
 
 Restoration aims at the full-dose noise level (RN ≈ RN_FD) with a small bias B², and must clearly
 beat the noisy input's MNSE. Two detectors with different noise settings guard against a method
-that only works for one.
+that only works for one. A third case has CsI-like correlated noise and compares BM3D told the
+noise spectrum (the noise model carries the GAT-domain kernel κ) with BM3D assuming white noise.
 """
 
 import numpy as np
 import pytest
 
+from dicom_node.restore.gat import gat_forward
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import create_restorer
-from dicom_node.sim.acquisition import acquire
+from dicom_node.sim.acquisition import acquire, crosstalk_kernel
 from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mnse
 from dicom_node.sim.phantom import make_phantom
 
@@ -19,6 +21,7 @@ from dicomtools import sim_noise_model
 DOSE = 0.5
 REALISATIONS = 3
 GT_REALISATIONS = 10
+PITCH = 0.07  # mm: native-resolution data (70 µm), as these figures were set for; not the simulator's default
 
 DETECTORS = {  # noise model, breast and direct-exposure signal at full dose (within 14 bits)
     "a-Se, Hologic-like": (sim_noise_model(), 1000.0, 12000.0),  # SIM-0001 of the embedded defaults
@@ -29,7 +32,9 @@ DETECTORS = {  # noise model, breast and direct-exposure signal at full dose (wi
 @pytest.mark.parametrize("name", list(DETECTORS))
 def test_mb_reaches_full_dose_noise_with_small_bias(name):
     noise, tissue_level, background_level = DETECTORS[name]
-    phantom = make_phantom((288, 224), seed=21, tissue_level=tissue_level, background_level=background_level)
+    phantom = make_phantom(
+        (288, 224), seed=21, pixel_spacing_mm=PITCH, tissue_level=tissue_level, background_level=background_level
+    )
     rng = np.random.default_rng(5)
     restorer = create_restorer("gat-bm3d")  # the default: science.md's plain blend
     noise_aware = create_restorer("gat-bm3d", blend="noise-aware")
@@ -70,3 +75,93 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
     # The noise-aware blend reaches the full-dose noise level (white detector noise), paying in bias.
     assert 0.9 < na.rn / fd.rn < 1.1 and 0.9 < na_exact.rn / fd_exact.rn < 1.1
     assert na.mnse < mb.mnse and na_exact.b2 > mb_exact.b2
+
+
+CROSSTALK = 0.5  # dicom_node.sim.acquisition.acquire(..., crosstalk=0.5): CsI-like correlated quantum noise
+
+
+def measured_gat_kernel(
+    noise: NoiseModel, level: float, rng: np.random.Generator, size: int = 7, roi: int = 64, pairs: int = 4
+) -> np.ndarray:
+    """The GAT-domain noise kernel κ, measured as a calibration would (science.md, "Noise spectrum
+    from flat fields"): pairs of flat fields simulated like the phantom's frames (same detector,
+    same crosstalk) at the breast's low-dose level, GAT-transformed, (A − B)/√2, |FFT|² averaged
+    over ROIs; κ = fftshift(real(ifft2(√(PSD/N)))), cropped to size×size and renormalised.
+
+    Measured rather than taken from the crosstalk kernel K because the GAT-domain noise is not
+    K ⊛ n: electronic noise (white) and rounding dilute the correlation, by the share of quantum
+    noise in the variance (about 0.87 here); the test checks the measurement against that share.
+    """
+    flat = np.full((4 * roi, 4 * roi), level)
+    psd = np.zeros((roi, roi))
+    for _ in range(pairs):
+        a, b = (
+            gat_forward(acquire(flat, noise, 1.0, rng, crosstalk=CROSSTALK).astype(np.float64), noise) for _ in "ab"
+        )
+        difference = (a - b) / np.sqrt(2)
+        for i in range(0, flat.shape[0], roi):
+            for j in range(0, flat.shape[1], roi):
+                tile = difference[i : i + roi, j : j + roi]
+                psd += np.abs(np.fft.fft2(tile - tile.mean())) ** 2 / (pairs * 16)
+    kernel = np.fft.fftshift(np.real(np.fft.ifft2(np.sqrt(psd / psd.size))))
+    centre, half = roi // 2, size // 2
+    kernel = kernel[centre - half : centre + half + 1, centre - half : centre + half + 1]
+    return kernel / np.sqrt(np.sum(kernel**2))
+
+
+def neighbour_correlation(kernel: np.ndarray) -> float:
+    """Correlation of horizontally adjacent pixels of the noise κ ⊛ n (‖κ‖₂ = 1)."""
+    return float(np.sum(kernel[:, :-1] * kernel[:, 1:]))
+
+
+def test_mb_on_correlated_noise_with_and_without_the_spectrum():
+    """Same frames, same blend (plain): BM3D assuming white noise vs BM3D told the spectrum."""
+    white = sim_noise_model()
+    phantom = make_phantom((224, 176), seed=21, pixel_spacing_mm=PITCH, tissue_level=1000.0, background_level=12000.0)
+    rng = np.random.default_rng(5)
+    level = float(np.median(DOSE * phantom.signal[phantom.mask]))
+    kernel = measured_gat_kernel(white, level, rng)
+    quantum_share = white.gain * level / (white.gain * level + white.electronic_noise**2)
+    expected = quantum_share * neighbour_correlation(crosstalk_kernel(CROSSTALK))
+    print(
+        f"\nGAT-domain κ measured at {level:.0f} ADU: neighbour correlation {neighbour_correlation(kernel):.3f} "
+        f"(crosstalk kernel × quantum share {quantum_share:.2f}: {expected:.3f}); centre 3×3:\n"
+        f"{np.array2string(kernel[2:5, 2:5], precision=3)}"
+    )
+    assert abs(neighbour_correlation(kernel) - expected) < 0.05
+    coloured = NoiseModel(white.gain, white.electronic_noise, white.offset, kernel)
+    restorer = create_restorer("gat-bm3d")  # plain blend
+
+    def offset_free(stack):
+        return np.stack(stack).astype(np.float64) - white.offset
+
+    def frames(dose, count):
+        return [acquire(phantom.signal, white, dose, rng, crosstalk=CROSSTALK) for _ in range(count)]
+
+    reference, full = offset_free(frames(1.0, GT_REALISATIONS)), offset_free(frames(1.0, REALISATIONS))
+    low_raw = [z.astype(np.float64) for z in frames(DOSE, REALISATIONS)]
+    groups = {"FD": full, "LD": offset_free(low_raw) / DOSE}
+    for label, model in (("MB white BM3D", white), ("MB spectrum BM3D", coloured)):
+        restorations = [restorer.restore(z, model, DOSE) for z in low_raw]
+        assert restorations[0].provenance.options["noise"] == ("white" if model.kernel is None else "coloured")
+        groups[label] = offset_free([r.image for r in restorations])
+
+    figures = {}
+    for group, stack in groups.items():
+        protocol = mnse(stack, reference, phantom.mask)
+        exact = exact_noise_bias(stack, phantom.signal, phantom.mask)
+        retention = calcification_retention(stack.mean(0), phantom.signal, phantom.calcifications, phantom.mask)
+        figures[group] = (protocol, exact)
+        print(
+            f"correlated {group}: RN/RN_FD {protocol.rn / figures['FD'][0].rn:.3f} | MNSE {100 * protocol.mnse:.2f}% "
+            f"RN {100 * protocol.rn:.2f}% B² {100 * protocol.b2:.3f}% | exact RN {100 * exact.rn:.2f}% "
+            f"B² {100 * exact.b2:.3f}% | calcification contrast kept {retention:.3f}"
+        )
+    (ld, _), (mb, mb_exact), (sp, sp_exact) = (figures[g] for g in ("LD", "MB white BM3D", "MB spectrum BM3D"))
+    # Robust (4 noise/phantom seeds: RN −4 to −6 %): told the spectrum, BM3D leaves less noise in its
+    # estimate, so the plain blend's RN and MNSE fall (only a few per cent: most of this noise is
+    # low-frequency, where no denoiser removes much). B² and calcification contrast are printed, not
+    # asserted: here B² fell on every seed, but it rose with a milder Gaussian crosstalk (σ 0.5 px)
+    # and in science.md; the contrast moved by less than 0.01.
+    assert sp.rn < mb.rn < ld.rn and sp_exact.rn < mb_exact.rn
+    assert sp.mnse < mb.mnse < ld.mnse

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicom_node.sim.phantom import flat_field, make_phantom, power_law_texture
+from dicom_node.sim.phantom import (
+    CALCIFICATION_ATTENUATION_PER_MM,
+    DEFAULT_PIXEL_SPACING_MM,
+    THICKNESS_LIMITS_MM,
+    flat_field,
+    make_phantom,
+    power_law_texture,
+)
 
 
 def test_shape_determinism_and_speed():
@@ -94,3 +101,123 @@ def test_flat_field_has_a_heel_gradient():
     field = flat_field((128, 256), level=2000.0, heel=0.2)
     assert field[:, 0].mean() == pytest.approx(2000.0, rel=0.05)
     assert field[:, -1].mean() < 0.85 * field[:, 0].mean()
+
+
+def distance_to_skin_mm(phantom) -> np.ndarray:
+    """Distance of each breast pixel to the skin line, mm (the chest wall, an image edge, is not skin)."""
+    padded = np.pad(phantom.mask, ((0, 0), (1, 1)), mode="edge")
+    return ndimage.distance_transform_edt(padded)[:, 1:-1] * phantom.pixel_spacing_mm
+
+
+def breast_extent_mm(phantom) -> tuple[float, float]:
+    """(along the chest wall, chest wall to nipple) of the breast, mm."""
+    rows, cols = np.nonzero(phantom.mask.any(axis=1))[0], np.nonzero(phantom.mask.any(axis=0))[0]
+    return (rows[-1] - rows[0] + 1) * phantom.pixel_spacing_mm, (cols[-1] - cols[0] + 1) * phantom.pixel_spacing_mm
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_image_holds_a_physically_sized_breast(seed):
+    """At the default pitch the default image is a real compressed breast, thicker than the 20 mm
+    floor over most of it (at 70 µm the field was 72 × 58 mm and every breast sat at the floor)."""
+    phantom = make_phantom(seed=seed)
+    assert phantom.pixel_spacing_mm == DEFAULT_PIXEL_SPACING_MM
+    along, depth = breast_extent_mm(phantom)
+    thickness = phantom.thickness_map_mm
+    compressed = thickness.max()
+    above_floor = np.mean(thickness[phantom.mask] > THICKNESS_LIMITS_MM[0] + 0.5)
+    # Where the thickness falls: from 90 % of the compressed thickness to the skin line.
+    falloff = distance_to_skin_mm(phantom)[phantom.mask & (thickness < 0.9 * compressed)].max()
+    print(
+        f"seed {seed}: breast {along:.0f} mm along the chest wall, {depth:.0f} mm deep, {compressed:.1f} mm thick, "
+        f"{100 * above_floor:.0f} % of it above the {THICKNESS_LIMITS_MM[0]:.0f} mm floor, fall-off over {falloff:.1f} mm"
+    )
+    assert 130 < along < 210 and 85 < depth < 150
+    assert 30 <= compressed <= 65
+    assert above_floor > 0.75
+    assert 8 < falloff < 22
+    assert np.all(thickness[~phantom.mask] == 0) and np.all(thickness[phantom.mask] > 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_intensity_range_across_the_breast_is_realistic(seed):
+    """Noise-free signal over the breast at least 5 mm inside the skin line (the last few mm rise
+    steeply to the direct exposure): its spread, p99.5/p0.5 (robust to the calcifications), should
+    lie in 3–10. Why: the tissue's attenuation, μ ≈ 0.05–0.07 mm⁻¹ near 20 keV (ICRU 44, 30 %
+    glandular), over 40–60 mm gives the direct exposure about 12× the signal behind the breast (the
+    default levels); 5 mm inside the skin line a half-cylinder edge leaves ~60 % of the thickness,
+    a factor exp(0.4·μT) ≈ 2.5–3.5 brighter than the centre, and dense against fatty tissue adds
+    about 1.5–2×: 3–7 in all, as in raw (FOR PROCESSING) mammograms, whose breast spans several
+    times in signal without peripheral equalisation. The old 70 µm default, a 20 mm breast at the
+    floor with μ = 0.12 mm⁻¹, gave 2.0–2.5."""
+    phantom = make_phantom(seed=seed)
+    signal, thickness = phantom.signal, phantom.thickness_map_mm
+    inner = phantom.mask & (distance_to_skin_mm(phantom) >= 5.0)
+    low, high = np.percentile(signal[inner], [0.5, 99.5])
+    mean_mu = np.log(12000.0 / 1000.0) / thickness.max()  # the AEC's attenuation at the default levels
+    print(
+        f"seed {seed}: ≥ 5 mm inside the skin line the signal spans {low:.0f}–{high:.0f} ADU "
+        f"(×{high / low:.2f}; max/min ×{signal[inner].max() / signal[inner].min():.2f}), "
+        f"mean attenuation {mean_mu:.3f} /mm, direct exposure {np.median(signal[~phantom.mask]):.0f} ADU"
+    )
+    assert 3 < high / low < 10
+    assert 0.035 < mean_mu < 0.09
+
+
+def test_calcifications_stay_physical_and_visible_at_the_default_pitch():
+    """Calcifications keep their size in mm (their integrated attenuation does not depend on the
+    pitch) and, sub-pixel as the smallest are at 0.2 mm, each marks ≥ 1 px and darkens it."""
+    diameters, footprints, darkest = [], [], []
+    for seed in range(4):
+        phantom = make_phantom(seed=seed)
+        bare = make_phantom(seed=seed, n_clusters=0)  # the same breast without its calcifications
+        transmission = phantom.signal / bare.signal
+        labels, _ = ndimage.label(phantom.calcifications)
+        for calc in phantom.calc_clusters:
+            r, c = int(round(calc.row)), int(round(calc.col))
+            assert phantom.calcifications[r, c]
+            diameters.append(calc.diameter_um)
+            footprints.append(np.sum(labels == labels[r, c]))
+            darkest.append(1 - transmission[r - 2 : r + 3, c - 2 : c + 3].min())
+    diameters, footprints, darkest = np.array(diameters), np.array(footprints), np.array(darkest)
+    small, large = diameters < 200, diameters >= 300
+    print(
+        f"{len(diameters)} calcifications at {DEFAULT_PIXEL_SPACING_MM} mm: footprint ≥ {footprints.min()} px; "
+        f"darkest pixel contrast: < 200 µm {100 * darkest[small].min():.1f}–{100 * darkest[small].max():.1f} %, "
+        f"≥ 300 µm {100 * darkest[large].min():.1f}–{100 * darkest[large].max():.1f} %"
+    )
+    assert footprints.min() >= 1 and small.any() and large.any()
+    assert darkest.min() > 0.0025  # a 100 µm sphere split over four 0.2 mm pixels: ≥ 0.26 % each
+    assert darkest[large].min() > 0.1
+
+
+@pytest.mark.parametrize("pixel_spacing_mm", [0.07, 0.1, 0.2])
+def test_calcification_attenuation_is_pitch_independent(pixel_spacing_mm):
+    """A lone calcification's integrated attenuation, Σ(1 − transmission)·pixel area, is that of a
+    sphere of its diameter at any pitch (the detector integrates the fluence it removes)."""
+    shape = (int(round(60 / pixel_spacing_mm)), int(round(50 / pixel_spacing_mm)))
+    phantom = make_phantom(shape, seed=3, pixel_spacing_mm=pixel_spacing_mm, chest_wall="left", n_clusters=8)
+    bare = make_phantom(shape, seed=3, pixel_spacing_mm=pixel_spacing_mm, chest_wall="left", n_clusters=0)
+    deficit = 1 - phantom.signal / bare.signal
+    box = int(np.ceil(0.6 / pixel_spacing_mm)) + 2
+    errors = []
+    for calc in phantom.calc_clusters:
+        others = [o for o in phantom.calc_clusters if o is not calc]
+        if min(np.hypot(o.row - calc.row, o.col - calc.col) for o in others) < 2 * box:
+            continue  # neighbours would add their own attenuation
+        r, c = int(round(calc.row)), int(round(calc.col))
+        measured = deficit[r - box : r + box + 1, c - box : c + box + 1].sum() * pixel_spacing_mm**2
+        radius = calc.diameter_um / 2000
+        rho = np.linspace(0, radius, 2001)
+        chord = 2 * np.sqrt(np.maximum(radius**2 - rho**2, 0))
+        expected = np.trapezoid(2 * np.pi * rho * (1 - np.exp(-CALCIFICATION_ATTENUATION_PER_MM * chord)), rho)
+        errors.append(measured / expected - 1)
+    print(
+        f"{pixel_spacing_mm} mm: {len(errors)} lone calcifications, integrated attenuation error {np.abs(errors).max():.3f}"
+    )
+    assert len(errors) >= 3
+    assert np.abs(errors).max() < 0.05
+
+
+def test_bad_pixel_spacing_is_refused():
+    with pytest.raises(ValueError, match="pixel_spacing_mm"):
+        make_phantom((64, 64), pixel_spacing_mm=0.0)

@@ -130,7 +130,7 @@ def extract_patches(image: TrainingImage, size: int, count: int, rng: np.random.
     cols = positions[:, 1, None, None] + np.arange(size)[None, None, :]
     gain = np.asarray(image.noise.gain, dtype=np.float64)
     patch_gain = gain if gain.ndim == 0 else gain[rows, cols]
-    noise = NoiseModel(patch_gain, image.noise.electronic_noise, image.noise.offset)
+    noise = NoiseModel(patch_gain, image.noise.electronic_noise, image.noise.offset, image.noise.kernel)
     return ImagePatches(image.label, image.full_dose[rows, cols].astype(np.float32), noise, positions)
 
 

@@ -131,13 +131,20 @@ def calibrate(
     gain_map: Annotated[
         Optional[Path], typer.Option("--gain-map", help="Also save the per-pixel gain map (.npy) here.")
     ] = None,
+    noise_kernel: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--noise-kernel", help="Save the noise correlation kernel (.npy) here if the noise is correlated."
+        ),
+    ] = None,
 ) -> None:
-    """Fit offset τ, gain λ (and a λ map) and electronic noise σe from flat fields."""
+    """Fit offset τ, gain λ (and a λ map), electronic noise σe and the noise correlation from flat fields."""
     from dicom_node.files import write_atomically
-    from dicom_node.tools.calibration import calibrate_files, save_gain_map
+    from dicom_node.tools.calibration import calibrate_files, save_gain_map, save_noise_kernel
 
     calibration = calibrate_files(flat_fields, serial)
     map_entry = save_gain_map(calibration, gain_map, output) if gain_map is not None else None
+    kernel_entry = save_noise_kernel(calibration, noise_kernel, output) if noise_kernel is not None else None
     result = calibration.result
     for exp, mean, var in zip(result.exposures, result.means, result.variances, strict=True):
         typer.echo(f"{exp:g} mAs: mean {mean:.1f} ADU above offset, noise variance {var:.2f} ADU²", err=True)
@@ -146,7 +153,16 @@ def calibrate(
         + (" (σe² came out negative and was set to 0)" if result.electronic_noise_clamped else ""),
         err=True,
     )
-    text = calibration.toml(map_entry)
+    typer.echo(calibration.correlation_summary(), err=True)
+    if kernel_entry is not None:
+        typer.echo(f"noise kernel stored in {noise_kernel}", err=True)
+    elif result.noise_kernel is not None:
+        typer.echo("noise kernel not stored: pass --noise-kernel FILE.npy to make it part of the entry", err=True)
+    else:
+        typer.echo(
+            "no noise kernel stored (white noise)" + (f"; {noise_kernel} not written" if noise_kernel else ""), err=True
+        )
+    text = calibration.toml(map_entry, kernel_entry)
     if output:
         write_atomically(output, text.encode(), mode=0o644)
         typer.echo(f"wrote [detectors.{calibration.serial}] to {output}", err=True)

@@ -102,6 +102,7 @@ def resolve_noise(
         model.gain if overrides.gain is None else overrides.gain,
         model.electronic_noise if overrides.electronic_noise is None else overrides.electronic_noise,
         model.offset if overrides.offset is None else overrides.offset,
+        model.kernel,
     )
     return model, f"detector {name}" + (" with command-line overrides" if overrides.given() else "")
 

@@ -4,6 +4,18 @@ The detector is linear, so the raw signal above the offset τ is proportional to
 that reaches it: an incident field (with the anode heel effect) attenuated by Beer–Lambert
 along the compressed breast's thickness profile, its fibroglandular texture and its
 microcalcifications. Noise is added separately by `dicom_node.sim.acquisition.acquire`.
+
+Sizes are physical (mm): the outline, compressed thickness and texture scale with the image's
+extent, the calcifications keep their 100–500 µm. The default pitch, 0.2 mm (about 3× a Hologic
+detector's 70 µm), makes the default 1024×832 image a 205 × 166 mm field holding a real
+compressed breast: 90–140 mm chest wall to nipple, 145–195 mm along the chest wall, 30–60 mm
+thick with the thickness falling over the last 10–20 mm to the skin line. At 0.2 mm the smallest
+calcifications are sub-pixel (a 100 µm one darkens its pixel by about 1 %), as on a binned
+detector; each still marks at least its centre pixel in `Phantom.calcifications`.
+
+The pitch also sets how much texture and detail a pixel holds: a study standing for the node's
+native-resolution data (70 µm) passes `pixel_spacing_mm=0.07` (a small image is then a small
+breast, at the 20 mm thickness floor).
 """
 
 from __future__ import annotations
@@ -29,6 +41,12 @@ CLUSTER_RADIUS_MM = 2.5
 LARGEST_STRUCTURE_MM = 30.0
 # Sub-samples per pixel side when rendering calcifications (the detector integrates fluence).
 SUPERSAMPLING = 8
+# Default detector pitch: the default 1024×832 image then spans a real compressed breast.
+DEFAULT_PIXEL_SPACING_MM = 0.2
+# Compressed thickness drawn as this fraction of the breast's depth (chest wall to nipple), within
+# the limits below: 90–140 mm deep breasts come out 30–60 mm thick.
+THICKNESS_PER_DEPTH = (0.33, 0.43)
+THICKNESS_LIMITS_MM = (20.0, 70.0)
 
 
 @dataclass(frozen=True)
@@ -46,12 +64,13 @@ class Phantom:
     calcifications: np.ndarray  # bool, pixels covered (≥ half) by a calcification, or holding its centre
     calc_clusters: list[Calcification]  # every calcification, tagged with its cluster
     pixel_spacing_mm: float
+    thickness_map_mm: np.ndarray  # float64 path length through the compressed breast (0 outside it)
 
 
 def make_phantom(
     shape: tuple[int, int] = (1024, 832),
     seed: int = 0,
-    pixel_spacing_mm: float = 0.07,
+    pixel_spacing_mm: float = DEFAULT_PIXEL_SPACING_MM,
     background_level: float = 12000.0,
     tissue_level: float = 1000.0,
     chest_wall: Literal["left", "right"] | None = None,
@@ -63,9 +82,15 @@ def make_phantom(
     """A Hologic-like raw frame: direct exposure at `background_level` (at the chest wall) and
     `tissue_level` behind the full-thickness breast of mean glandularity. The exposure is
     set like an AEC would, so `tissue_level` holds whatever the (random) compressed thickness.
-    `chest_wall`, `thickness_mm` and `n_clusters` are drawn from `seed` when left out."""
+    `chest_wall`, `thickness_mm` and `n_clusters` are drawn from `seed` when left out.
+
+    `pixel_spacing_mm` sets the physical size of the field: the breast's outline fills a similar
+    share of any image, so a coarser pitch makes a larger (and thicker) breast; the calcifications
+    keep their physical size. The default (0.2 mm) makes 1024×832 a realistic breast."""
     if not 0 < tissue_level < background_level:
         raise ValueError("need 0 < tissue_level < background_level")
+    if not (np.isfinite(pixel_spacing_mm) and pixel_spacing_mm > 0):
+        raise ValueError(f"pixel_spacing_mm must be positive, got {pixel_spacing_mm}")
     rng = np.random.default_rng(seed)
     rows, cols = shape
     side = chest_wall or str(rng.choice(["left", "right"]))
@@ -82,7 +107,8 @@ def make_phantom(
     distance_mm = (1.0 - rho) * rho / np.hypot(dr / half_height, dc / depth) * pixel_spacing_mm
 
     if thickness_mm is None:
-        thickness_mm = float(np.clip(rng.uniform(0.25, 0.4) * depth * pixel_spacing_mm, 20.0, 70.0))
+        share = rng.uniform(*THICKNESS_PER_DEPTH)
+        thickness_mm = float(np.clip(share * depth * pixel_spacing_mm, *THICKNESS_LIMITS_MM))
     thickness = _compressed_thickness(distance_mm, thickness_mm)
 
     texture = power_law_texture(shape, texture_beta, rng, pixel_spacing_mm / LARGEST_STRUCTURE_MM)
@@ -102,8 +128,9 @@ def make_phantom(
 
     if side == "right":
         signal, mask, calc_mask = signal[:, ::-1].copy(), mask[:, ::-1].copy(), calc_mask[:, ::-1].copy()
+        thickness = thickness[:, ::-1].copy()
         calcs = [Calcification(c.row, cols - 1 - c.col, c.diameter_um, c.cluster) for c in calcs]
-    return Phantom(signal, mask, calc_mask, calcs, pixel_spacing_mm)
+    return Phantom(signal, mask, calc_mask, calcs, pixel_spacing_mm, thickness)
 
 
 def flat_field(shape: tuple[int, int], level: float, heel: float = 0.1, seed: int = 0) -> np.ndarray:

@@ -1,7 +1,8 @@
 """`dicom-node calibrate`: flat-field DICOM files → a detector entry for the configuration.
 
 The fit itself is `dicom_node.restore.calibration` (arrays in, numbers out); this module reads
-the files, checks they belong together and writes the `[detectors.SERIAL]` entry.
+the files, checks they belong together and writes the `[detectors.SERIAL]` entry (and the gain
+map and noise kernel files it names).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class DetectorCalibration:
     result: Calibration
     images: int
 
-    def entry(self, gain_map: str | None = None) -> dict[str, Any]:
+    def entry(self, gain_map: str | None = None, noise_kernel: str | None = None) -> dict[str, Any]:
         result = self.result
         entry: dict[str, Any] = {
             "gain": round(result.gain, 6),
@@ -35,12 +36,36 @@ class DetectorCalibration:
         }
         if gain_map is not None:
             entry["gain_map"] = gain_map
+        if noise_kernel is not None:
+            entry["noise_kernel"] = noise_kernel
         return entry
 
-    def toml(self, gain_map: str | None = None) -> str:
+    def toml(self, gain_map: str | None = None, noise_kernel: str | None = None) -> str:
         return f"# dicom-node calibrate: {self.images} flat fields\n" + tomli_w.dumps(
-            {"detectors": {self.serial: self.entry(gain_map)}}
+            {"detectors": {self.serial: self.entry(gain_map, noise_kernel)}}
         )
+
+    def correlation_summary(self) -> str:
+        """One line on the measured noise correlation and whether a kernel is part of the model."""
+        result = self.result
+        if result.kernel_exposures is None:
+            return "noise correlation: not measured (needs 2 flat fields at one exposure); white noise assumed"
+        vertical, horizontal = result.neighbour_correlations
+        exposures = ", ".join(f"{e:g}" for e in result.kernel_exposures)
+        figures = (
+            f"noise correlation at {exposures} mAs: neighbours {result.neighbour_correlation:.3f} "
+            f"(vertical {vertical:.3f}, horizontal {horizontal:.3f}, standard error {result.neighbour_correlation_error:.3f})"
+        )
+        if result.noise_kernel is None:
+            return figures + ": white within the measurement error, no kernel"
+        corrections = result.variance_corrections
+        corrected = (
+            f", noise variances corrected ×{corrections.min():.3f}–{corrections.max():.3f} for it"
+            if corrections is not None
+            else ""
+        )
+        side = "×".join(map(str, result.noise_kernel.shape))
+        return figures + f": correlated, {side} kernel{corrected}"
 
 
 def calibrate_files(paths: list[Path], serial: str | None = None) -> DetectorCalibration:
@@ -64,8 +89,23 @@ def save_gain_map(calibration: DetectorCalibration, path: Path, entry_file: Path
     """Write the per-pixel gain map (.npy); returns how the entry names it (relative to `entry_file`)."""
     if calibration.result.gain_map is None:
         return None
+    return _save_array(calibration.result.gain_map, path, entry_file)
+
+
+def save_noise_kernel(calibration: DetectorCalibration, path: Path, entry_file: Path | None) -> str | None:
+    """Write the noise kernel κ (.npy) when the noise is correlated; returns how the entry names it.
+
+    White noise (no kernel) writes nothing and returns None.
+    """
+    if calibration.result.noise_kernel is None:
+        return None
+    return _save_array(calibration.result.noise_kernel, path, entry_file)
+
+
+def _save_array(array: np.ndarray, path: Path, entry_file: Path | None) -> str:
+    """Write `array` (.npy) atomically; returns its path relative to `entry_file`'s folder (or cwd) if inside."""
     buffer = io.BytesIO()
-    np.save(buffer, calibration.result.gain_map)
+    np.save(buffer, array)
     write_atomically(path, buffer.getvalue(), mode=0o644)
     base = entry_file.parent.resolve() if entry_file else Path.cwd()
     try:
