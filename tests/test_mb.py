@@ -268,3 +268,27 @@ def test_mb_with_a_correlated_noise_model_end_to_end():
     linear_error = float(np.sqrt(np.mean((linear - signal)[inside] ** 2)))
     print(f"RMSE vs truth: linear rescale {linear_error:.2f}")
     assert errors["coloured"] < errors["white"] < linear_error
+
+
+def test_qc_reads_the_noise_correlation_of_the_background_against_the_model():
+    from dicom_node.sim.acquisition import acquire
+    from dicom_node.sim.phantom import make_phantom
+
+    phantom = make_phantom((192, 160), seed=5)
+
+    class Identity:  # the QC figures are what is tested: skip BM3D's time
+        name = "identity"
+
+        def __call__(self, image, sigma, kernel=None):
+            return image
+
+    restorer = GatBm3dRestorer(denoiser=Identity())
+    white = acquire(phantom.signal, NOISE, 0.5, rng_or_seed=1)
+    correlated = acquire(phantom.signal, NOISE, 0.5, rng_or_seed=1, crosstalk=0.5)
+    fits = restorer.restore(white, NOISE, 0.5).qc
+    misfit = restorer.restore(correlated, NOISE, 0.5).qc
+    print("white:", {k: round(v, 3) for k, v in fits.items() if k.startswith("noise_")})
+    print("correlated, white model:", {k: round(v, 3) for k, v in misfit.items() if k.startswith("noise_")})
+    assert fits["noise_correlation_expected"] == 0.0 and misfit["noise_correlation_expected"] == 0.0
+    assert abs(fits["noise_correlation"]) < 0.05 and fits["noise_correlation_difference"] < 0.05
+    assert misfit["noise_correlation"] > 0.3 and misfit["noise_correlation_difference"] > 0.3

@@ -14,7 +14,7 @@ from pydantic import Field
 from scipy import ndimage
 
 from dicom_node.errors import ConfigurationError, InputRefused
-from dicom_node.restore.calibration import estimate_noise_from_image
+from dicom_node.restore.calibration import check_noise_correlation, estimate_noise_from_image
 from dicom_node.restore.common import BreastBox, linear_rescale, mean_ratio, validated_input
 from dicom_node.restore.denoisers import Denoiser, get_denoiser
 from dicom_node.restore.gat import gat_forward, gat_inverse
@@ -182,6 +182,11 @@ class GatBm3dRestorer:
       configured λ (≈1 when the calibration still holds). The estimate assumes white noise: with
       correlated noise (a kernel) its high-pass misses most of the noise and the ratio reads far
       below 1 (near 0 at 3×3 crosstalk 0.5), so it is no check of the calibration there;
+    - noise_correlation, noise_correlation_expected: the lag-1 correlation of the GAT-domain noise
+      in the image's direct-exposure background (mean of vertical and horizontal) and the one the
+      configured kernel κ implies (0 for white noise); noise_correlation_difference is the larger
+      |measured − expected| of the two directions (≈0 when the detector's correlation still fits;
+      NaN without enough background, see `check_noise_correlation`);
     - mean_ratio: restored mean / ((z − τ)/r) mean in the breast, offsets removed (≈1: unbiased).
 
     Timings (seconds): mask, gat, denoise, inverse, noise_statistics, blend, qc, total (the stages
@@ -270,4 +275,11 @@ def _calibration_check(raw: np.ndarray, noise: NoiseModel, mask: np.ndarray) -> 
         estimated, _ = estimate_noise_from_image(raw, noise.offset, mask, noise.electronic_noise**2)
     except InputRefused:  # too small a breast for the estimate: the figure is undefined, not an error
         estimated = np.nan
-    return {"estimated_gain": estimated, "gain_ratio": estimated / configured}
+    correlation = check_noise_correlation(raw, noise, mask)
+    return {
+        "estimated_gain": estimated,
+        "gain_ratio": estimated / configured,
+        "noise_correlation": float(np.mean(correlation.measured)),
+        "noise_correlation_expected": float(np.mean(correlation.expected)),
+        "noise_correlation_difference": correlation.difference,
+    }
