@@ -16,17 +16,21 @@ import pytest
 import torch
 
 from dicom_node.errors import ConfigurationError, InputRefused
+from dicom_node.restore.calibration import kernel_neighbour_correlations
 from dicom_node.restore.deep import DeepRestorer, ModelCard, load_model
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
-from dicom_node.sim.acquisition import acquire
+from dicom_node.sim.acquisition import acquire, crosstalk_kernel, gaussian_kernel
 from dicom_node.sim.phantom import make_phantom
 from trainer.cli import main
 from trainer.data import (
     PatchData,
     TrainingImage,
+    correlation_kernel,
     extract_patches,
     inputs_digest,
+    kernel_summary,
+    load_images,
     make_pairs,
     phantom_images,
     split_by_image,
@@ -35,6 +39,7 @@ from trainer.experiment import load_experiment, parse_experiment
 from trainer.train import CHECKPOINT, build_experiment_network, load_checkpoint, train
 
 SIM = NoiseModel(0.1, 3.0, 50.0)  # the embedded defaults' SIM-0001 detector
+CORRELATED = NoiseModel(0.1, 3.0, 50.0, gaussian_kernel(1.0))  # a detector with its own kernel (0.78)
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "trainer" / "experiments"
 CARD_KEYS = {
     "name",
@@ -129,6 +134,11 @@ def test_experiment_errors_are_one_line_naming_the_key(changes, key):
 def test_example_experiments_are_valid_and_build(path):
     experiment = load_experiment(path)
     assert experiment.name == path.stem
+    # Their meaning is kept: phantoms at the clinical 0.07 mm, and white noise (the shipped model
+    # asks for it; the others take SIM-0001's own kernel, which is none: white too).
+    assert experiment.data.phantom_pixel_spacing_mm == 0.07
+    assert experiment.data.noise_correlation == (0.0 if path.stem == "hresnet-phantom-50" else None)
+    assert experiment.data.detector == "SIM-0001"
     net = build_experiment_network(experiment)
     print(f"{path.name}: {experiment.network.name}, {sum(p.numel() for p in net.parameters())} parameters")
     assert net.receptive_field_radius > 0
@@ -197,6 +207,76 @@ def test_low_dose_inputs_come_from_the_dose_simulation(images):
 
     again = make_pairs(patches, 0.5, settings.normalisation.build(), np.random.default_rng(3))[0]
     assert not np.array_equal(again, inputs)  # new noise for a new generator (re-simulation)
+
+
+def neighbour_correlation(noise: np.ndarray, mask: np.ndarray) -> float:
+    """Horizontal lag-1 correlation coefficient of `noise` over neighbour pairs both inside `mask`."""
+    both = mask[..., :-1] & mask[..., 1:]
+    return float(np.corrcoef(noise[..., :-1][both], noise[..., 1:][both])[0, 1])
+
+
+@pytest.mark.parametrize(
+    "noise, setting, expected_kernel",
+    [
+        (CORRELATED, None, gaussian_kernel(1.0)),  # the detector's own kernel
+        (SIM, None, None),  # a detector without a kernel: white
+        (CORRELATED, 0.0, None),  # white, whatever the detector's kernel
+        (CORRELATED, 0.5, crosstalk_kernel(0.5)),  # crosstalk, in place of the detector's kernel
+    ],
+    ids=["detector-kernel", "detector-white", "white", "crosstalk-0.5"],
+)
+def test_one_kernel_correlates_the_full_dose_phantoms_and_the_injected_noise(noise, setting, expected_kernel):
+    expected = kernel_neighbour_correlations(expected_kernel)[1]
+    image = phantom_images(1, 10, (192, 160), noise, kernel=correlation_kernel(setting))[0]
+    truth = make_phantom((192, 160), seed=10, pixel_spacing_mm=0.07).signal
+    full_dose = neighbour_correlation(image.full_dose - 50.0 - truth, image.mask)
+
+    patches = [extract_patches(image, 32, 96, np.random.default_rng(1))]
+    normalisation = parse_experiment(minimal()).data.normalisation.build()
+    inputs, targets = make_pairs(patches, 0.5, normalisation, np.random.default_rng(2), setting)
+    injected = neighbour_correlation((inputs - targets)[:, 0].astype(np.float64), np.ones((96, 32, 32), bool))
+    print(f"{setting}: neighbour correlation full dose {full_dose:.3f}, injected {injected:.3f}, kernel {expected:.3f}")
+    # The electronic noise (and its top-up at low dose) stays white: a few to about 12 % of the
+    # variance here, so the measured correlation is that much below the kernel's.
+    for measured in (full_dose, injected):
+        assert 0.8 * expected - 0.05 < measured < expected + 0.05
+        if expected_kernel is None:
+            assert abs(measured) < 0.05
+        else:
+            assert measured > 0.3
+
+    summary = kernel_summary(setting, [noise])
+    print(summary)
+    assert summary["noise_correlation"] == setting
+    assert summary["neighbour_correlation"]["horizontal"] == pytest.approx(expected, abs=1e-4)
+    label = {None: "detector kernel" if noise.kernel is not None else "detector kernel (none: white)", 0.0: "white"}
+    assert summary["kernel"] == label.get(setting, "crosstalk 0.5")
+
+
+def test_phantoms_are_made_at_the_experiments_pitch_with_its_kernel():
+    settings = parse_experiment(
+        minimal(
+            data={
+                "dose_fraction": 0.5,
+                "phantoms": 2,
+                "validation_images": 1,
+                "phantom_size": [192, 160],
+                "patch_size": 32,
+                "phantom_pixel_spacing_mm": 0.2,
+                "noise_correlation": 0.5,
+            }
+        )
+    ).data
+    loaded = load_images(settings)
+    expected = phantom_images(2, 0, (192, 160), SIM, pixel_spacing_mm=0.2, kernel=crosstalk_kernel(0.5))
+    assert [img.label for img in loaded] == [img.label for img in expected]
+    for got, want in zip(loaded, expected, strict=True):
+        np.testing.assert_array_equal(got.full_dose, want.full_dose)
+    clinical = phantom_images(1, 0, (192, 160), SIM, kernel=crosstalk_kernel(0.5))[0]
+    assert not np.array_equal(clinical.full_dose, loaded[0].full_dose)  # the default is 0.07 mm, not 0.2
+    summary = PatchData(settings, seed=0, images=loaded).summary()
+    assert summary["phantom_pixel_spacing_mm"] == 0.2 and "at 0.2 mm" in summary["source"]
+    assert summary["full_dose_noise_kernel"] == "crosstalk 0.5"
 
 
 def test_unusable_training_inputs_are_refused_and_a_missing_detector_is_named(tmp_path, images):
@@ -306,7 +386,14 @@ def test_export_writes_weights_and_a_complete_card(tiny_run, exported):
     assert card["normalisation"] == {"domain": "raw", "scale": 8000.0}
     assert card["noise_model"] == {"gain": 0.1, "electronic_noise": 3.0, "offset": 50.0}
     assert card["synthetic_only"] is True
+    # TINY leaves noise_correlation unset: SIM-0001's own kernel, which is none (white).
+    simulation = card["noise_simulation"]
+    assert simulation["kernel"] == "detector kernel (none: white)" and simulation["noise_correlation"] is None
+    assert simulation["neighbour_correlation"] == {"vertical": 0.0, "horizontal": 0.0}
+    assert simulation["kernel_size"] == [1, 1]
     data = card["training_data"]
+    assert data["phantom_pixel_spacing_mm"] == 0.07 and "192x160 at 0.07 mm" in data["source"]
+    assert data["full_dose_noise_kernel"] == "detector kernel (none: white)"
     assert data["count"] == 3 and len(data["training_inputs"]) == 3
     images = phantom_images(4, 0, (192, 160), SIM)
     training = [img for img in images if img.label in data["training_inputs"]]
@@ -317,6 +404,21 @@ def test_export_writes_weights_and_a_complete_card(tiny_run, exported):
         f"python -m trainer train --config {config} --out {out} --quiet"
         f" && python -m trainer export {out} --name tiny-50 --out {exported}"
     )
+
+
+def test_export_of_a_checkpoint_without_the_kernel_record_says_so(tiny_run, tmp_path):
+    from trainer.export import export_model
+
+    _, out = tiny_run
+    checkpoint = load_checkpoint(out / CHECKPOINT)
+    del checkpoint["noise_kernel"]
+    for key in ("phantom_pixel_spacing_mm", "full_dose_noise_kernel"):
+        del checkpoint["training_data"][key]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    card = json.loads(export_model(tmp_path / "old.pt", "old", tmp_path).read_text())
+    assert card["noise_simulation"]["kernel"].startswith("not recorded")
+    assert card["training_data"]["phantom_pixel_spacing_mm"] is None
+    assert card["training_data"]["full_dose_noise_kernel"] == "not recorded"
 
 
 def test_exported_model_restores_in_the_node_exactly_like_the_trained_module(tiny_run, exported):
@@ -360,6 +462,8 @@ def test_evaluate_writes_the_table_files(exported, capsys, tmp_path):
         "3",
         "--seed",
         "5",
+        "--pixel-spacing",
+        "0.07",
         "--out",
         str(tmp_path),
     )
@@ -372,6 +476,7 @@ def test_evaluate_writes_the_table_files(exported, capsys, tmp_path):
     assert 1.5 < low / full < 2.6  # half the dose: about twice the relative residual noise
     assert float(rows["FD"]["mean_snr"]) > float(rows["LD"]["mean_snr"])
     assert "| DL tiny-50 |" in (tmp_path / "evaluation.md").read_text()
+    assert "phantom 160x128 at 0.07 mm, seed 5" in (tmp_path / "evaluation.md").read_text()
     assert (tmp_path / "snr_maps.png").stat().st_size > 1000
 
 
@@ -401,5 +506,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path, tiny_run, exported):
     assert_one_line_error(code, err, "0.25")
     code, _, err = run_cli(capsys, "evaluate", "--size", "big")
     assert_one_line_error(code, err, "--size")
+    code, _, err = run_cli(capsys, "evaluate", "--size", "160x128", "--pixel-spacing", "0")
+    assert_one_line_error(code, err, "--pixel-spacing")
     code, _, err = run_cli(capsys, "train")
     assert_one_line_error(code, err, "--config")

@@ -92,6 +92,14 @@ def evaluate(
     references: Annotated[int, typer.Option(help="N: full-dose realisations behind the pseudo ground truth.")] = 10,
     seed: Annotated[int, typer.Option(help="Phantom and noise seed (keep it apart from the training seeds).")] = 1000,
     dose: Annotated[float, typer.Option(help="Dose fraction of the low-dose acquisitions.")] = 0.5,
+    pixel_spacing: Annotated[
+        float,
+        typer.Option(
+            "--pixel-spacing",
+            metavar="MM",
+            help="Phantom pitch in mm (default 0.07, the clinical pitch the models are meant for and train on).",
+        ),
+    ] = 0.07,
     detector: Annotated[str, typer.Option(help="Detector entry of the node configuration to simulate.")] = "SIM-0001",
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="Node configuration (default: embedded).")
@@ -111,6 +119,8 @@ def evaluate(
         raise ConfigurationError("--realisations and --references must be at least 2")
     if not 0 < dose < 1:
         raise ConfigurationError(f"--dose must be in (0, 1), got {dose}")
+    if not 0 < pixel_spacing < 10:
+        raise ConfigurationError(f"--pixel-spacing must be a pitch in mm in (0, 10), got {pixel_spacing:g}")
     node_config = load_config(config)
     try:
         noise = detector_noise(node_config, detector)
@@ -124,8 +134,9 @@ def evaluate(
         dose_fraction=dose,
         realisations=realisations,
         references=references,
+        pixel_spacing_mm=pixel_spacing,
     )
-    settings = f"phantom {shape[0]}x{shape[1]} seed {seed}, dose {dose:g}, N = {references}, P = {realisations}, detector {detector}"
+    settings = f"phantom {shape[0]}x{shape[1]} at {pixel_spacing:g} mm, seed {seed}, dose {dose:g}, N = {references}, P = {realisations}, detector {detector}"
     paths = write_report(rows, out, settings)
     typer.echo(markdown_table(rows, settings))
     typer.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -6,6 +6,11 @@ Patch positions are drawn once per image, entirely inside the breast mask; the l
 made by the VST-domain dose simulation, once or anew every epoch. The full-dose target is the
 noisy full-dose image itself, as in the seeds (there is no noise-free truth for clinical data).
 The train/validation split is by image, so no validation patch shares an image with training.
+
+One noise-correlation kernel (`data.noise_correlation`: the detector's own, white or a crosstalk
+strength) serves both the phantoms' full-dose acquisitions and the injected low-dose noise, so the
+low-dose input is correlated like its full-dose target. Phantoms are made at
+`data.phantom_pixel_spacing_mm` (0.07 mm, the clinical pitch, unless the experiment says otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from dicom_node.config import Config, load_config
 from dicom_node.detectors import detector_noise, noise_model_for
 from dicom_node.errors import ConfigurationError, InputRefused
+from dicom_node.restore.calibration import kernel_neighbour_correlations
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
@@ -26,6 +32,49 @@ from dicom_node.sim.acquisition import acquire, crosstalk_kernel
 from dicom_node.sim.dose import simulate_dose_reduction
 from dicom_node.sim.phantom import make_phantom
 from trainer.experiment import DataSettings
+
+# The clinical detector pitch (mm) the models are meant for, and the phantoms' pitch before
+# make_phantom's default became 0.2 mm (DataSettings.phantom_pixel_spacing_mm's default).
+CLINICAL_PIXEL_SPACING_MM = 0.07
+WHITE_KERNEL = np.ones((1, 1))  # a 1×1 kernel: white noise, whatever the detector's own kernel
+
+
+def correlation_kernel(noise_correlation: float | None) -> np.ndarray | None:
+    """The kernel `data.noise_correlation` stands for: None, the detector's own (the simulator's
+    default, `noise.kernel`); 0, white (1×1); > 0, the 3×3 crosstalk kernel of that strength."""
+    if noise_correlation is None:
+        return None
+    if noise_correlation == 0:
+        return WHITE_KERNEL
+    return crosstalk_kernel(noise_correlation)
+
+
+def kernel_summary(noise_correlation: float | None, noises: list[NoiseModel]) -> dict:
+    """The model card's record of the kernel: a label ("detector kernel", "white", "crosstalk S"),
+    the setting, the kernel's size and the (vertical, horizontal) neighbour correlation of noise
+    correlated by it; for the detector's kernel, the one of `noises` ("per image" when they differ)."""
+    kernel: np.ndarray | None
+    if noise_correlation is None:
+        kernels = {None if n.kernel is None else np.asarray(n.kernel, dtype=np.float64).tobytes(): n for n in noises}
+        if len(kernels) != 1:  # several detectors' kernels, or no image to read the detector's from
+            return {
+                "kernel": "detector kernel (per image)" if kernels else "detector kernel",
+                "noise_correlation": None,
+                "kernel_size": None,
+                "neighbour_correlation": "per image" if kernels else None,
+            }
+        kernel = next(iter(kernels.values())).kernel
+        label = "detector kernel" if kernel is not None else "detector kernel (none: white)"
+    else:
+        kernel = correlation_kernel(noise_correlation)
+        label = "white" if noise_correlation == 0 else f"crosstalk {noise_correlation:g}"
+    vertical, horizontal = kernel_neighbour_correlations(kernel)
+    return {
+        "kernel": label,
+        "noise_correlation": noise_correlation,
+        "kernel_size": [1, 1] if kernel is None else list(np.shape(kernel)),
+        "neighbour_correlation": {"vertical": round(vertical, 4), "horizontal": round(horizontal, 4)},
+    }
 
 
 @dataclass
@@ -46,12 +95,22 @@ class ImagePatches:
     positions: np.ndarray  # [patch, (row, column)] top-left corners
 
 
-def phantom_images(count: int, first_seed: int, shape: tuple[int, int], noise: NoiseModel) -> list[TrainingImage]:
-    """One full-dose acquisition of each of `count` phantoms (seeds first_seed, first_seed + 1, …)."""
+def phantom_images(
+    count: int,
+    first_seed: int,
+    shape: tuple[int, int],
+    noise: NoiseModel,
+    *,
+    pixel_spacing_mm: float = CLINICAL_PIXEL_SPACING_MM,
+    kernel: np.ndarray | None = None,
+) -> list[TrainingImage]:
+    """One full-dose acquisition of each of `count` phantoms (seeds first_seed, first_seed + 1, …)
+    at `pixel_spacing_mm`, its quantum noise correlated by `kernel` (None: the detector's `noise.kernel`)."""
     images = []
     for seed in range(first_seed, first_seed + count):
-        phantom = make_phantom(shape, seed=seed)
-        full_dose = acquire(phantom.signal, noise, 1.0, np.random.default_rng([seed, 1])).astype(np.float64)
+        phantom = make_phantom(shape, seed=seed, pixel_spacing_mm=pixel_spacing_mm)
+        rng = np.random.default_rng([seed, 1])
+        full_dose = acquire(phantom.signal, noise, 1.0, rng, kernel=kernel).astype(np.float64)
         images.append(TrainingImage(f"phantom seed {seed}", full_dose, noise, breast_mask(full_dose, noise)))
     return images
 
@@ -91,7 +150,14 @@ def load_images(settings: DataSettings) -> list[TrainingImage]:
         noise = detector_noise(config, settings.detector)
     except ConfigurationError as exc:
         raise ConfigurationError(f"data.detector: {exc}") from None
-    return phantom_images(settings.phantoms, settings.first_seed, settings.phantom_size, noise)
+    return phantom_images(
+        settings.phantoms,
+        settings.first_seed,
+        settings.phantom_size,
+        noise,
+        pixel_spacing_mm=settings.phantom_pixel_spacing_mm,
+        kernel=correlation_kernel(settings.noise_correlation),
+    )
 
 
 def split_by_image(
@@ -139,10 +205,13 @@ def make_pairs(
     dose_fraction: float,
     normalisation: Normalisation,
     rng: np.random.Generator,
-    noise_correlation: float = 0.0,
+    noise_correlation: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets), float32 [patch, 1, row, column]: simulated low dose and full dose, normalised."""
-    kernel = crosstalk_kernel(noise_correlation)[None] if noise_correlation else None
+    """(inputs, targets), float32 [patch, 1, row, column]: simulated low dose and full dose, normalised.
+
+    The injected noise is correlated by `correlation_kernel(noise_correlation)`: None, each group's
+    detector kernel (`noise.kernel`, white when it has none); 0, white; > 0, crosstalk."""
+    kernel = correlation_kernel(noise_correlation)
     inputs, targets = [], []
     for group in patches:
         low_dose = simulate_dose_reduction(group.full_dose, group.noise, dose_fraction, rng, kernel)
@@ -194,10 +263,16 @@ class PatchData:
         """The model card's training_data: count, source and a digest of the training inputs."""
         s = self.settings
         if s.source == "phantom":
-            source = f"synthetic phantoms, seeds {s.first_seed}..{s.first_seed + s.phantoms - 1}, {s.phantom_size[0]}x{s.phantom_size[1]}, detector {s.detector}"
+            source = (
+                f"synthetic phantoms, seeds {s.first_seed}..{s.first_seed + s.phantoms - 1}, "
+                f"{s.phantom_size[0]}x{s.phantom_size[1]} at {s.phantom_pixel_spacing_mm:g} mm, detector {s.detector}"
+            )
         else:
             source = f"full-dose raw MG DICOM files in {s.folder}"
         return {
+            "phantom_pixel_spacing_mm": s.phantom_pixel_spacing_mm if s.source == "phantom" else None,
+            # the kernel of the phantoms' full-dose noise (DICOM files come with their own)
+            "full_dose_noise_kernel": self.kernel_summary()["kernel"] if s.source == "phantom" else "as acquired",
             "count": len(self.train_images),
             "validation_count": len(self.validation_images),
             "patches": sum(len(p.full_dose) for p in self.train),
@@ -207,6 +282,11 @@ class PatchData:
             "validation_inputs": [img.label for img in self.validation_images],
             "digest": inputs_digest(self.train_images),
         }
+
+    def kernel_summary(self) -> dict:
+        """The model card's record of the noise-correlation kernel (`kernel_summary`)."""
+        images = self.train_images + self.validation_images
+        return kernel_summary(self.settings.noise_correlation, [img.noise for img in images])
 
     def noise_summary(self) -> dict:
         """The model card's noise_model: the one used, or a note when the images had several."""

@@ -41,12 +41,19 @@ class DataSettings(_Strict):
     phantoms: int = Field(default=16, ge=2)
     first_seed: int = Field(default=0, ge=0)
     phantom_size: tuple[int, int] = (512, 416)
+    # Detector pitch of the phantoms (mm). 0.07 mm is the clinical (Hologic-like) pitch the models are
+    # meant for, and the pitch the phantoms had before make_phantom's default became 0.2 mm: existing
+    # experiments and the shipped model's recipe keep training on the same data.
+    phantom_pixel_spacing_mm: float = Field(default=0.07, gt=0)
     detector: str = "SIM-0001"  # the node-config detector entry whose noise the phantoms get
     # source = "dicom": full-dose raw MG files; each file's noise from its Device Serial Number
     folder: Path | None = None
     node_config: Path | None = None  # node configuration with [detectors]; None: embedded defaults
     dose_fraction: float = Field(gt=0, lt=1)
-    noise_correlation: float = Field(default=0.0, ge=0, le=1)  # crosstalk strength of the injected noise; 0: white
+    # The noise-correlation kernel, the same for the phantoms' full-dose acquisitions and the injected
+    # low-dose noise: None, the detector's own kernel (its noise model's `kernel`; white when it has
+    # none); 0, white; > 0, the 3×3 crosstalk kernel of that strength (dicom_node.sim.acquisition).
+    noise_correlation: float | None = Field(default=None, ge=0, le=1)
     resimulate: bool = False  # new low-dose noise every epoch (seed 001)
     patch_size: int = Field(default=64, ge=8)
     patches_per_image: int = Field(default=256, ge=1)

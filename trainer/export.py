@@ -19,6 +19,7 @@ import dicom_node
 from dicom_node.errors import ConfigurationError
 from dicom_node.files import write_atomically
 from dicom_node.restore.deep.card import MODEL_FILE_MODE, ModelCard
+from trainer.data import kernel_summary
 from trainer.experiment import Experiment
 from trainer.train import build_experiment_network, load_checkpoint
 
@@ -55,6 +56,14 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
 
     last = checkpoint["history"][-1]
     data, training = experiment.data, experiment.training
+    # A checkpoint written before the kernel and the pitch were recorded says nothing of them (its
+    # phantoms had make_phantom's default pitch of the day): its card says "not recorded".
+    kernel = checkpoint.get("noise_kernel") or {
+        **kernel_summary(data.noise_correlation, []),
+        "kernel": "not recorded (checkpoint predates the record)",
+    }
+    training_data = {"phantom_pixel_spacing_mm": None, "full_dose_noise_kernel": "not recorded"}
+    training_data.update(checkpoint["training_data"])
     card = ModelCard(
         name=name,
         network=experiment.network.name,
@@ -67,10 +76,13 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
         noise_model=checkpoint["noise_model"],
         noise_simulation={
             "method": "VST-domain dose reduction (dicom_node.sim.dose.simulate_dose_reduction)",
+            "kernel": kernel["kernel"],  # "detector kernel", "white" or "crosstalk S"; the same for the full dose
             "noise_correlation": data.noise_correlation,
+            "kernel_size": kernel["kernel_size"],
+            "neighbour_correlation": kernel["neighbour_correlation"],
             "resimulated_every_epoch": data.resimulate,
         },
-        training_data=checkpoint["training_data"],
+        training_data=training_data,
         training={
             "epochs": checkpoint["epoch"],
             "batch_size": training.batch_size,

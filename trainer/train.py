@@ -201,6 +201,7 @@ def train(
         "experiment": experiment.model_dump(mode="json"),
         "training_data": data.summary(),
         "noise_model": data.noise_summary(),
+        "noise_kernel": data.kernel_summary(),
         "input_baseline": input_baseline(data.validation_pairs) if data.normalisation.domain == "raw" else None,
         "command": (previous or {}).get("command") or command,
         "device": device.type,
