@@ -86,3 +86,19 @@ def test_an_internal_error_is_retried_up_to_max_attempts_then_failed_as_internal
     assert last.retry_at is None and last.traceback
     assert last.error.startswith("internal error: ValueError") and f"gave up after {limit} attempts" in last.error
     assert first.retry_at - NOW <= timedelta(seconds=config.retry.initial_s * (1 + config.retry.jitter))
+
+
+def test_an_unknown_detector_is_refused_offering_flags_only_where_there_are_flags(tmp_path):
+    from dicom_node.imaging import read_mammogram
+    from dicom_node.pipeline.processing import NoiseOverrides, restore_mammogram
+
+    from dicomtools import low_dose_mammogram
+
+    image = read_mammogram(low_dose_mammogram(tmp_path / "in.dcm", seed=3, shape=(64, 64), detector_serial="SN-NEW"))
+    plan = Plan("gat-bm3d", 0.5, "p")
+    with pytest.raises(ConfigurationError) as worker:
+        restore_mammogram(image, load_config(), plan)
+    with pytest.raises(ConfigurationError) as command_line:
+        restore_mammogram(image, load_config(), plan, overrides=NoiseOverrides(gain=0.1))
+    assert "add [detectors.SN-NEW]" in str(worker.value) and "--gain" not in str(worker.value)
+    assert str(command_line.value).endswith("or pass --electronic-noise, --offset")

@@ -79,10 +79,15 @@ def check_profiles(config: Config) -> None:
             raise ConfigurationError(f"{where}: profiles.{name}: {exc}") from None
 
 
-def resolve_noise(
-    config: Config, image: MammoImage, overrides: NoiseOverrides = NoiseOverrides()
-) -> tuple[NoiseModel, str]:
-    """The image's noise model and where it came from: the flags, else its detector entry."""
+def resolve_noise(config: Config, image: MammoImage, overrides: NoiseOverrides | None = None) -> tuple[NoiseModel, str]:
+    """The image's noise model and where it came from: the flags, else its detector entry.
+
+    `overrides` are the command line's (None where there is none, as in the worker: then a refusal
+    does not offer flags).
+    """
+    if overrides is None:
+        model, name = noise_model_for(config, image.params.detector_serial, image.pixels.shape)
+        return model, f"detector {name}"
     if overrides.complete():
         assert overrides.gain is not None and overrides.electronic_noise is not None and overrides.offset is not None
         return NoiseModel(overrides.gain, overrides.electronic_noise, overrides.offset), "command line"
@@ -112,7 +117,7 @@ def restore_mammogram(
     config: Config,
     plan: Plan,
     *,
-    overrides: NoiseOverrides = NoiseOverrides(),
+    overrides: NoiseOverrides | None = None,
     station_name: str | None = None,
 ) -> Processed:
     """Restore `image` as `plan` says and build its derived DICOM instance."""
