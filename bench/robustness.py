@@ -41,13 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.restore.gat import gat_forward
+from dicom_node.restore.calibration import calibrate_flat_fields
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import Environment, Restorer, create_restorer
 from dicom_node.sim.acquisition import acquire
 from dicom_node.sim.evaluation import GroupFigures, evaluate_group
-from dicom_node.sim.phantom import make_phantom
+from dicom_node.sim.phantom import flat_field, make_phantom
 
 TABLE_MD = "robustness.md"
 TABLE_CSV = "robustness.csv"
@@ -180,30 +180,17 @@ def parse_blends(text: str) -> tuple[str, ...]:
 
 
 def measured_gat_kernel(
-    detector: Detector, crosstalk: float, level: float, rng: np.random.Generator, size: int = 7, roi: int = 64
-) -> np.ndarray:
-    """The GAT-domain noise kernel κ of the simulated detector, measured as a calibration would
-    (science.md, "Noise spectrum from flat fields"): pairs of flat fields at `level` (the breast's
-    low-dose signal) acquired with the same crosstalk, GAT-transformed, (A − B)/√2, |FFT|² averaged
-    over ROIs; κ = fftshift(real(ifft2(√(PSD/N)))), cropped to size×size, ‖κ‖₂ = 1. The electronic
-    noise (white) and rounding dilute the crosstalk's correlation: κ ≠ the crosstalk kernel."""
-    noise = detector.model()
-    flat = np.full((4 * roi, 4 * roi), level)
-    psd = np.zeros((roi, roi))
-    pairs = 4
-    for _ in range(pairs):
-        a, b = (
-            gat_forward(acquire(flat, noise, 1.0, rng, crosstalk=crosstalk).astype(np.float64), noise) for _ in "ab"
-        )
-        difference = (a - b) / np.sqrt(2)
-        for i in range(0, flat.shape[0], roi):
-            for j in range(0, flat.shape[1], roi):
-                tile = difference[i : i + roi, j : j + roi]
-                psd += np.abs(np.fft.fft2(tile - tile.mean())) ** 2 / (pairs * 16)
-    kernel = np.fft.fftshift(np.real(np.fft.ifft2(np.sqrt(psd / psd.size))))
-    centre, half = roi // 2, size // 2
-    kernel = kernel[centre - half : centre + half + 1, centre - half : centre + half + 1]
-    return kernel / np.sqrt(np.sum(kernel**2))
+    detector: Detector, crosstalk: float, level: float, rng: np.random.Generator
+) -> np.ndarray | None:
+    """The GAT-domain noise kernel κ of the simulated detector, measured as a site would: flat fields
+    acquired with the same crosstalk around the breast's low-dose `level` (two exposures, two
+    repeats each) given to `calibrate_flat_fields`. Electronic noise and rounding dilute the
+    crosstalk's correlation, so κ is not the crosstalk kernel."""
+    exposures = [0.8, 0.8, 1.25, 1.25]  # around the level (the correlation depends on it)
+    images = [
+        acquire(flat_field((256, 256), level * e), detector.model(), 1.0, rng, crosstalk=crosstalk) for e in exposures
+    ]
+    return calibrate_flat_fields(images, exposures).noise_kernel
 
 
 def _restorers(unit: Unit) -> list[tuple[str, Restorer, bool]]:

@@ -17,6 +17,18 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer v
 from dicom_node.errors import NodeError
 
 
+def make_app(name: str, summary: str) -> typer.Typer:
+    """A typer app that behaves like every command of this project: plain help, no tracebacks."""
+    return typer.Typer(
+        name=name,
+        help=summary,
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+
+
 def run_app(app: typer.Typer, argv: list[str] | None, *, prog: str, obj: Any = None) -> None:
     """Run `app` on `argv` and exit with its code; never lets a traceback reach the terminal."""
     label = prog.split()[-1]

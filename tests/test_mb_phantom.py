@@ -9,12 +9,12 @@ noise spectrum (the noise model carries the GAT-domain kernel κ) with BM3D assu
 import numpy as np
 import pytest
 
-from dicom_node.restore.gat import gat_forward
+from dicom_node.restore.calibration import calibrate_flat_fields, kernel_neighbour_correlations
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import create_restorer
 from dicom_node.sim.acquisition import acquire, crosstalk_kernel
 from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mnse
-from dicom_node.sim.phantom import make_phantom
+from dicom_node.sim.phantom import flat_field, make_phantom
 
 from dicomtools import sim_noise_model
 
@@ -80,38 +80,20 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
 CROSSTALK = 0.5  # dicom_node.sim.acquisition.acquire(..., crosstalk=0.5): CsI-like correlated quantum noise
 
 
-def measured_gat_kernel(
-    noise: NoiseModel, level: float, rng: np.random.Generator, size: int = 7, roi: int = 64, pairs: int = 4
-) -> np.ndarray:
-    """The GAT-domain noise kernel κ, measured as a calibration would (science.md, "Noise spectrum
-    from flat fields"): pairs of flat fields simulated like the phantom's frames (same detector,
-    same crosstalk) at the breast's low-dose level, GAT-transformed, (A − B)/√2, |FFT|² averaged
-    over ROIs; κ = fftshift(real(ifft2(√(PSD/N)))), cropped to size×size and renormalised.
+def measured_gat_kernel(noise: NoiseModel, level: float, rng: np.random.Generator) -> np.ndarray:
+    """The GAT-domain noise kernel κ, measured as a site would: flat fields simulated like the
+    phantom's frames (same detector, same crosstalk) around the breast's low-dose level, two
+    exposures with two repeats each, given to `calibrate_flat_fields`.
 
     Measured rather than taken from the crosstalk kernel K because the GAT-domain noise is not
     K ⊛ n: electronic noise (white) and rounding dilute the correlation, by the share of quantum
     noise in the variance (about 0.87 here); the test checks the measurement against that share.
     """
-    flat = np.full((4 * roi, 4 * roi), level)
-    psd = np.zeros((roi, roi))
-    for _ in range(pairs):
-        a, b = (
-            gat_forward(acquire(flat, noise, 1.0, rng, crosstalk=CROSSTALK).astype(np.float64), noise) for _ in "ab"
-        )
-        difference = (a - b) / np.sqrt(2)
-        for i in range(0, flat.shape[0], roi):
-            for j in range(0, flat.shape[1], roi):
-                tile = difference[i : i + roi, j : j + roi]
-                psd += np.abs(np.fft.fft2(tile - tile.mean())) ** 2 / (pairs * 16)
-    kernel = np.fft.fftshift(np.real(np.fft.ifft2(np.sqrt(psd / psd.size))))
-    centre, half = roi // 2, size // 2
-    kernel = kernel[centre - half : centre + half + 1, centre - half : centre + half + 1]
-    return kernel / np.sqrt(np.sum(kernel**2))
-
-
-def neighbour_correlation(kernel: np.ndarray) -> float:
-    """Correlation of horizontally adjacent pixels of the noise κ ⊛ n (‖κ‖₂ = 1)."""
-    return float(np.sum(kernel[:, :-1] * kernel[:, 1:]))
+    exposures = [0.8, 0.8, 1.25, 1.25]  # around the level (the correlation depends on it)
+    images = [acquire(flat_field((256, 256), level * e), noise, 1.0, rng, crosstalk=CROSSTALK) for e in exposures]
+    kernel = calibrate_flat_fields(images, exposures).noise_kernel
+    assert kernel is not None, "the calibration found the crosstalk-correlated noise white"
+    return kernel
 
 
 def test_mb_on_correlated_noise_with_and_without_the_spectrum():
@@ -122,13 +104,13 @@ def test_mb_on_correlated_noise_with_and_without_the_spectrum():
     level = float(np.median(DOSE * phantom.signal[phantom.mask]))
     kernel = measured_gat_kernel(white, level, rng)
     quantum_share = white.gain * level / (white.gain * level + white.electronic_noise**2)
-    expected = quantum_share * neighbour_correlation(crosstalk_kernel(CROSSTALK))
+    expected = quantum_share * kernel_neighbour_correlations(crosstalk_kernel(CROSSTALK))[1]
     print(
-        f"\nGAT-domain κ measured at {level:.0f} ADU: neighbour correlation {neighbour_correlation(kernel):.3f} "
-        f"(crosstalk kernel × quantum share {quantum_share:.2f}: {expected:.3f}); centre 3×3:\n"
-        f"{np.array2string(kernel[2:5, 2:5], precision=3)}"
+        f"\nGAT-domain κ measured at {level:.0f} ADU: neighbour correlation {kernel_neighbour_correlations(kernel)[1]:.3f} "
+        f"(crosstalk kernel × quantum share {quantum_share:.2f}: {expected:.3f}); κ:\n"
+        f"{np.array2string(kernel, precision=3)}"
     )
-    assert abs(neighbour_correlation(kernel) - expected) < 0.05
+    assert abs(kernel_neighbour_correlations(kernel)[1] - expected) < 0.05
     coloured = NoiseModel(white.gain, white.electronic_noise, white.offset, kernel)
     restorer = create_restorer("gat-bm3d")  # plain blend
 

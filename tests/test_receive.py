@@ -58,7 +58,7 @@ class FakeJob:
 
 @dataclass
 class MemorySink:
-    """The JobSink contract in memory; `down` makes every call fail like an unreachable database."""
+    """The part of JobLog the receiver uses, in memory; `down` makes every call fail like an unreachable database."""
 
     jobs: list[FakeJob] = field(default_factory=list)
     down: bool = False

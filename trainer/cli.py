@@ -14,17 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from dicom_node.console import parse_size, run_app
+from dicom_node.console import make_app, parse_size, run_app
 from dicom_node.errors import ConfigurationError
 
-app = typer.Typer(
-    name="trainer",
-    help="Trains, exports and evaluates the deep restoration networks.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = make_app("trainer", "Trains, exports and evaluates the deep restoration networks.")
 
 
 @app.command()

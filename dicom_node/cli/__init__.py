@@ -14,16 +14,9 @@ import typer
 
 from dicom_node import __version__
 from dicom_node.cli import jobs, node, tools
-from dicom_node.console import run_app
+from dicom_node.console import make_app, run_app
 
-app = typer.Typer(
-    name="dicom-node",
-    help="Restores low-dose raw mammograms between the modality and PACS.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = make_app("dicom-node", "Restores low-dose raw mammograms between the modality and PACS.")
 
 for command in (
     node.serve,

@@ -1,7 +1,7 @@
 """Receiving images from modalities: the Storage SCP, its spool and its calling-AE allow-list."""
 
 from dicom_node.receive.allowlist import AllowList, Refused, Rejection
-from dicom_node.receive.scp import JobRecord, JobSink, StorageSCP
+from dicom_node.receive.scp import StorageSCP
 from dicom_node.receive.spool import Spool
 
-__all__ = ["AllowList", "JobRecord", "JobSink", "Refused", "Rejection", "Spool", "StorageSCP"]
+__all__ = ["AllowList", "Refused", "Rejection", "Spool", "StorageSCP"]

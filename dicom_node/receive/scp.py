@@ -13,11 +13,9 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from io import BytesIO
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -28,6 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # g
 from dicom_node.config import Config
 from dicom_node.errors import InputRefused, NodeError, Unavailable
 from dicom_node.imaging.read import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PRESENTATION, MG_FOR_PROCESSING
+from dicom_node.joblog import JobLog
 from dicom_node.receive.allowlist import (
     CALLED_AE_NOT_RECOGNISED,
     LOCAL_LIMIT_EXCEEDED,
@@ -52,41 +51,6 @@ CANNOT_UNDERSTAND = 0xC000
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MEGABYTE = 1 << 20
-
-
-class JobRecord(Protocol):
-    """What the duplicate check reads of a job; `status` may be a str, a StrEnum or a plain Enum."""
-
-    @property
-    def input_sha256(self) -> str: ...
-
-    @property
-    def status(self) -> str | Enum: ...
-
-
-class JobSink(Protocol):
-    """Where received images become jobs; dicom_node.joblog.JobLog is the real one."""
-
-    def record_received(
-        self,
-        *,
-        sop_instance_uid: str,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        sop_class_uid: str,
-        transfer_syntax_uid: str,
-        calling_ae: str,
-        called_ae: str,
-        peer_host: str | None,
-        station_name: str | None,
-        detector_serial: str | None,
-        profile: str,
-        input_path: str,
-        input_sha256: str,
-        input_bytes: int,
-    ) -> int: ...
-
-    def find_by_sop_instance(self, uid: str) -> Sequence[JobRecord]: ...
 
 
 class NotUnderstood(InputRefused):
@@ -161,9 +125,9 @@ def read_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> Heade
     )
 
 
-def _status_name(job: JobRecord) -> str:
-    """A job's status as text, whether the job log hands out a str, a StrEnum or a plain Enum."""
-    return str(getattr(job.status, "value", job.status))
+def _status_name(status: object) -> str:
+    """A job's status as text, whether it is a str, a StrEnum or a plain Enum (as a test's job log hands out)."""
+    return str(getattr(status, "value", status))
 
 
 def _primitive(primitive: A_ASSOCIATE | None, side: str) -> A_ASSOCIATE:
@@ -187,7 +151,7 @@ class StorageSCP:
     `port` overrides node.port (0: any free port, for tests); `.port` is the bound one.
     """
 
-    def __init__(self, config: Config, sink: JobSink, *, port: int | None = None):
+    def __init__(self, config: Config, sink: JobLog, *, port: int | None = None):
         self.config = config
         self.sink = sink
         self.allowlist = AllowList(config)
@@ -435,6 +399,6 @@ class StorageSCP:
         if self.config.node.duplicate_policy != "ignore-identical":
             return False
         return any(
-            job.input_sha256 == sha256 and _status_name(job) not in ("failed", "cancelled")
+            job.input_sha256 == sha256 and _status_name(job.status) not in ("failed", "cancelled")
             for job in self.sink.find_by_sop_instance(sop_instance_uid)
         )
