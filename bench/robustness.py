@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.restore.calibration import calibrate_flat_fields
+from dicom_node.restore.gat_bm3d import BLEND_MODES
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import Environment, Restorer, create_restorer
@@ -59,7 +60,7 @@ PRESETS: dict[str, tuple[float, float, float]] = {
     "noisy": (0.2, 5.0, 100.0),  # high gain, noisy electronics, high offset
     "mid": (0.15, 4.0, 75.0),
 }
-BLENDS = ("plain", "noise-aware")
+BLENDS = BLEND_MODES
 
 # The goals (RN relative to FD's, by the protocol).
 GOAL_HALF_DOSE = (0.95, 1.05)

@@ -5,7 +5,8 @@ import pytest
 from scipy import ndimage
 
 from dicom_node.errors import ConfigurationError, InputRefused
-from dicom_node.restore.gat_bm3d import GatBm3dRestorer, blend, blend_weights
+from dicom_node.restore.blend import blend, blend_weights
+from dicom_node.restore.gat_bm3d import GatBm3dRestorer
 from dicom_node.restore.mask import bounding_box, breast_mask
 from dicom_node.restore.noise import NoiseModel
 
@@ -53,7 +54,7 @@ def restorations():
     """Full-dose, half-dose, and the restored half-dose images, a few noise realisations each."""
     rng = np.random.default_rng(7)
     signal, breast = phantom()
-    plain, aware = GatBm3dRestorer(), GatBm3dRestorer(blend="noise-aware")
+    plain, aware = GatBm3dRestorer(blend="plain"), GatBm3dRestorer(blend="noise-aware")
     runs = {"full": [], "linear": [], "plain": [], "noise-aware": []}
     for _ in range(REALISATIONS):
         low = acquire(signal, 0.5, rng)
@@ -175,6 +176,9 @@ def test_denoiser_sees_only_the_breast_bounding_box():
     spy.shapes.clear()
     GatBm3dRestorer(denoiser=spy, blend="noise-aware").restore(low, NOISE, 0.5)  # two probe calls more, same box
     assert spy.shapes == [(rows.stop - rows.start, cols.stop - cols.start)] * 3
+    spy.shapes.clear()
+    GatBm3dRestorer(denoiser=spy, blend="spectral").restore(low, NOISE, 0.5)  # one probe call more
+    assert spy.shapes == [(rows.stop - rows.start, cols.stop - cols.start)] * 2
     assert spy.shapes[0][1] < low.shape[1]
     outside = np.ones(low.shape, dtype=bool)
     outside[rows, cols] = False

@@ -32,7 +32,7 @@ def test_example_and_embedded_profiles_name_registered_restorers_with_valid_opti
     [
         ("pipeline = 'magic'\n", "profiles.p: unknown restorer 'magic'; available: deep, gat-bm3d"),
         ("blendd = 'plain'\n", "profiles.p: blendd: unknown option for restorer gat-bm3d"),
-        ("blend = 'sharp'\n", "profiles.p: blend: Input should be 'plain' or 'noise-aware'"),
+        ("blend = 'sharp'\n", "profiles.p: blend: Input should be 'plain', 'noise-aware' or 'spectral'"),
         ("pipeline = 'deep'\nblend = 'plain'\n", "profiles.p: blend: unknown option for restorer deep"),
         ("pipeline = 'deep'\ntile = 0\n", "profiles.p: tile: Input should be greater than 0"),
     ],

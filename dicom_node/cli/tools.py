@@ -34,7 +34,7 @@ def process(
     ] = None,
     blend: Annotated[
         Optional[str],
-        typer.Option(help="gat-bm3d blend: plain (smallest bias) or noise-aware (full-dose noise level)."),
+        typer.Option(help="gat-bm3d blend: spectral (default: full-dose noise, least bias), noise-aware or plain."),
     ] = None,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with timings and QC.")] = False,
