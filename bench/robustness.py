@@ -10,7 +10,7 @@ once per miscalibration. Figures (`dicom_node.sim.evaluation.evaluate_group`): R
 relative to FD's (protocol), B² by the protocol and exactly (against the noise-free truth, %),
 and the calcifications' contrast kept.
 
-MB variants: gat-bm3d with the plain and the noise-aware blend. With crosstalk the detector's
+MB variants: gat-bm3d with each blend asked for (by default its default, spectral, and plain). With crosstalk the detector's
 GAT-domain kernel κ is measured as a calibration would (pairs of simulated flat fields at the
 breast's low-dose level, `measured_gat_kernel`) and given to the restorer (BM3D told the noise
 spectrum: "MB <blend>"); "MB <blend>, white" is the same restorer assuming white noise.
@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.restore.calibration import calibrate_flat_fields
-from dicom_node.restore.gat_bm3d import BLEND_MODES
+from dicom_node.restore.deep.store import default_model_dir, resolve_model
+from dicom_node.restore.gat_bm3d import BLEND_MODES, GatBm3dOptions
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import Environment, Restorer, create_restorer
@@ -61,6 +62,7 @@ PRESETS: dict[str, tuple[float, float, float]] = {
     "mid": (0.15, 4.0, 75.0),
 }
 BLENDS = BLEND_MODES
+DEFAULT_BLEND = GatBm3dOptions().blend
 
 # The issue's goals (RN relative to FD's, by the protocol).
 GOAL_HALF_DOSE = (0.95, 1.05)
@@ -113,6 +115,7 @@ class Unit:
     blends: tuple[str, ...]
     white: bool  # with crosstalk, also run each blend assuming white noise
     models: tuple[str, ...]
+    denoisers: tuple[str, ...]  # DIR/NAME of GAT-domain denoising networks, in BM3D's place
     size: tuple[int, int]
     pixel_spacing_mm: float
     realisations: int
@@ -202,6 +205,14 @@ def _restorers(unit: Unit) -> list[tuple[str, Restorer, bool]]:
         methods.append((f"MB {blend}", restorer, unit.crosstalk > 0))
         if unit.crosstalk > 0 and unit.white:
             methods.append((f"MB {blend}, white", restorer, False))
+    for model in unit.denoisers:
+        path = Path(model)
+        name = path.name.removesuffix(".json").removesuffix(".safetensors")
+        environment = Environment(model_dir=path.parent)
+        network = create_restorer("gat-bm3d", environment, denoiser="network", model=name, blend=DEFAULT_BLEND)
+        # trained for one noise correlation (white here): run as told white noise where there is crosstalk
+        white = ", white" if unit.crosstalk > 0 else ""
+        methods.append((f"MB {DEFAULT_BLEND} + {name}{white}", network, False))
     for model in unit.models:
         path = Path(model)
         name = path.name.removesuffix(".json").removesuffix(".safetensors")
@@ -367,29 +378,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--miscalibration", type=parse_floats, default="0,0.15,-0.15", help="relative λ errors given to restorers"
     )
-    parser.add_argument("--blends", type=parse_blends, default="plain,noise-aware", help="gat-bm3d blends")
+    parser.add_argument("--blends", type=parse_blends, default=f"{DEFAULT_BLEND},plain", help="gat-bm3d blends")
     parser.add_argument("--no-white", action="store_true", help="with crosstalk, skip the white-noise MB variants")
     parser.add_argument("--models", nargs="*", default=[], metavar="DIR/NAME", help="trained deep models to score")
+    parser.add_argument(
+        "--denoisers",
+        nargs="*",
+        default=[],
+        metavar="DIR/NAME",
+        help="trained GAT-domain denoising networks to score in BM3D's place (gat-bm3d, default blend)",
+    )
     parser.add_argument("--realisations", "-P", type=int, default=3, help="P realisations per group")
     parser.add_argument("--references", "-N", type=int, default=6, help="N full-dose references (pseudo-GT)")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a tiny grid for CI smoke tests, overriding the grid: one 128x112 phantom at 0.2 mm, hologic, "
-        "crosstalk 0 and 0.5, dose 0.5, no λ error, plain blend, P = 2, N = 3",
+        help="a tiny grid for CI smoke tests, overriding the grid: one 192x160 phantom at 0.07 mm, hologic, "
+        "crosstalk 0 and 0.5, dose 0.5, no λ error, the default and the plain blend, the deep restorer's default "
+        "model for half dose, P = 2, N = 3",
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (one unit of work each)")
     parser.add_argument("--out", type=Path, default=None, help="directory for robustness.md and robustness.csv")
     return parser
 
 
+def default_deep_model(dose: float) -> str:
+    """DIR/NAME of the deep restorer's default model for `dose` (the shipped one unless
+    $DICOM_NODE_MODEL_DIR says otherwise)."""
+    model_dir = default_model_dir()
+    return str(model_dir / resolve_model(model_dir, None, dose))
+
+
 def units_of(args: argparse.Namespace) -> list[Unit]:
     if args.quick:
-        # 0.2 mm (the simulator's default pitch): a 128×112 breast at 70 µm holds no calcification
-        args.size, args.pixel_spacing, args.phantoms = (128, 112), 0.2, 1
-        args.detectors, args.models = parse_detectors("hologic"), []
+        # 70 µm, the clinical pitch the defaults are judged at; 192×160 is the smallest breast
+        # of that pitch holding calcifications
+        args.size, args.pixel_spacing, args.phantoms = (192, 160), 0.07, 1
+        args.detectors, args.models, args.denoisers = parse_detectors("hologic"), [default_deep_model(0.5)], []
         args.crosstalk, args.doses, args.miscalibration = (0.0, 0.5), (0.5,), (0.0,)
-        args.blends, args.realisations, args.references = ("plain",), 2, 3
+        args.blends, args.realisations, args.references = (DEFAULT_BLEND, "plain"), 2, 3
     if args.realisations < 2 or args.references < 2:
         raise SystemExit("need at least 2 realisations and 2 references")
     if any(not 0 < d < 1 for d in args.doses):
@@ -408,6 +435,7 @@ def units_of(args: argparse.Namespace) -> list[Unit]:
             blends=tuple(args.blends),
             white=not args.no_white,
             models=tuple(str(m) for m in args.models),
+            denoisers=tuple(str(m) for m in args.denoisers),
             size=tuple(args.size),
             pixel_spacing_mm=args.pixel_spacing,
             realisations=args.realisations,
@@ -459,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, str | float]]:
         "λ errors": ", ".join(f"{100 * e:+.0f} %" for e in args.miscalibration),
         "blends": ", ".join(args.blends) + ("" if args.no_white else " (plus white variants with crosstalk)"),
         "models": ", ".join(map(str, args.models)) or "none",
+        "denoising networks": ", ".join(map(str, args.denoisers)) or "none",
         "realisations P / references N": f"{args.realisations} / {args.references}",
         "jobs": args.jobs,
     }

@@ -1,8 +1,10 @@
 """bench/robustness.py's --quick grid: the files, the table's shape, and sane figures.
 
-One 128×112 phantom, one detector, no and strong crosstalk, half dose, no λ error, plain blend,
-P = 2, N = 3: a few seconds. A second run with --jobs 2 must give the same figures (each unit of
-the grid is seeded by its own key, whatever process runs it).
+One 192×160 phantom at 70 µm, one detector, no and strong crosstalk, half dose, no λ error, the default
+(spectral) and the plain blend, the deep restorer's default model, P = 2, N = 3: under a minute.
+A second run with --jobs 2 must give the same figures (each unit of the grid is seeded by its own
+key, whatever process runs it). The defaults are held to the issue's goals where this small grid
+supports them; the rest is printed (docs/robustness.md has the full grid).
 """
 
 import csv
@@ -16,14 +18,20 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 robustness = importlib.import_module("robustness")
 
+DEEP = "DL " + Path(robustness.default_deep_model(0.5)).name
 EXPECTED_METHODS = [  # (crosstalk, method) in grid order
     ("0", "LD"),
     ("0", "FD"),
+    ("0", "MB spectral"),
     ("0", "MB plain"),
+    ("0", DEEP),
     ("0.5", "LD"),
     ("0.5", "FD"),
+    ("0.5", "MB spectral"),
+    ("0.5", "MB spectral, white"),
     ("0.5", "MB plain"),
     ("0.5", "MB plain, white"),
+    ("0.5", DEEP),
 ]
 NUMERIC = [
     "rn_over_fd",
@@ -74,8 +82,30 @@ def test_quick_grid_writes_the_table_and_csv(quick_run):
         if r["method"] == "FD":
             assert float(r["rn_over_fd"]) == pytest.approx(1.0) and float(r["mnse_over_fd"]) == pytest.approx(1.0)
             assert 5 < float(r["rn_pct"]) < 20  # λ = 0.1 at ~1000 ADU of tissue: about 10 %
-        if r["method"].startswith("MB"):
+        if r["method"].startswith(("MB", "DL")):
             assert float(r["rn_over_fd"]) < 2.5 and float(r["calcification_retention"]) > 0.8
+
+
+def test_defaults_against_the_goals(quick_run):
+    """Half dose, white noise: the MB default reaches full-dose noise and keeps the calcifications.
+    Printed, not asserted, because not reached on every row (docs/robustness.md says by how much):
+    the MB default's B² at most the plain blend's; full-dose noise and calcification contrast with
+    strong crosstalk; the deep default's full-dose noise."""
+    _, records = quick_run
+    by = {(r["crosstalk"], r["method"]): r for r in records}
+    for (crosstalk, method), r in by.items():
+        if method in ("MB spectral", "MB plain", DEEP):
+            print(
+                f"crosstalk {crosstalk} {method}: RN/FD {float(r['rn_over_fd']):.3f}, B² {float(r['b2_pct']):.3f} % "
+                f"(exact {float(r['exact_b2_pct']):.3f} %), calcification contrast kept "
+                f"{float(r['calcification_retention']):.3f}, goal: {r['goal']}"
+            )
+    white = by[(0.0, "MB spectral")]
+    low, high = robustness.GOAL_HALF_DOSE
+    assert low <= float(white["rn_over_fd"]) <= high and low <= float(white["exact_rn_over_fd"]) <= high
+    assert float(white["calcification_retention"]) >= robustness.GOAL_CALCIFICATION
+    assert white["goal"] == "ok"
+    assert float(by[(0.0, "MB plain")]["rn_over_fd"]) > high  # the plain blend, kept to compare, does not
 
 
 def test_parallel_run_gives_the_same_figures(quick_run, tmp_path):

@@ -83,6 +83,7 @@ class TrainingImage:
     full_dose: np.ndarray  # raw, offset kept
     noise: NoiseModel
     mask: np.ndarray  # bool, the breast
+    truth: np.ndarray | None = None  # the noise-free offset-free signal (phantoms only)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class ImagePatches:
     full_dose: np.ndarray  # [patch, row, column] raw, float32 (exact for ≤ 24-bit integers; half the memory)
     noise: NoiseModel
     positions: np.ndarray  # [patch, (row, column)] top-left corners
+    truth: np.ndarray | None = None  # [patch, row, column] noise-free signal, float32 (phantoms only)
 
 
 def phantom_images(
@@ -111,7 +113,8 @@ def phantom_images(
         phantom = make_phantom(shape, seed=seed, pixel_spacing_mm=pixel_spacing_mm)
         rng = np.random.default_rng([seed, 1])
         full_dose = acquire(phantom.signal, noise, 1.0, rng, kernel=kernel).astype(np.float64)
-        images.append(TrainingImage(f"phantom seed {seed}", full_dose, noise, breast_mask(full_dose, noise)))
+        mask = breast_mask(full_dose, noise)
+        images.append(TrainingImage(f"phantom seed {seed}", full_dose, noise, mask, phantom.signal))
     return images
 
 
@@ -197,7 +200,8 @@ def extract_patches(image: TrainingImage, size: int, count: int, rng: np.random.
     gain = np.asarray(image.noise.gain, dtype=np.float64)
     patch_gain = gain if gain.ndim == 0 else gain[rows, cols]
     noise = NoiseModel(patch_gain, image.noise.electronic_noise, image.noise.offset, image.noise.kernel)
-    return ImagePatches(image.label, image.full_dose[rows, cols].astype(np.float32), noise, positions)
+    truth = None if image.truth is None else image.truth[rows, cols].astype(np.float32)
+    return ImagePatches(image.label, image.full_dose[rows, cols].astype(np.float32), noise, positions, truth)
 
 
 def make_pairs(
@@ -206,8 +210,10 @@ def make_pairs(
     normalisation: Normalisation,
     rng: np.random.Generator,
     noise_correlation: float | None = None,
+    task: str = "restore",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets), float32 [patch, 1, row, column]: simulated low dose and full dose, normalised.
+    """(inputs, targets), float32 [patch, 1, row, column]: simulated low dose and, normalised, the
+    full dose (task "restore") or the noise-free GAT-domain expectation of the low dose ("denoise").
 
     The injected noise is correlated by `correlation_kernel(noise_correlation)`: None, each group's
     detector kernel (`noise.kernel`, white when it has none); 0, white; > 0, crosstalk."""
@@ -216,7 +222,12 @@ def make_pairs(
     for group in patches:
         low_dose = simulate_dose_reduction(group.full_dose, group.noise, dose_fraction, rng, kernel)
         inputs.append(normalisation.to_network(low_dose, group.noise, dose_fraction))
-        targets.append(normalisation.target(group.full_dose, group.noise))
+        if task == "denoise":
+            if group.truth is None:
+                raise ConfigurationError(f"{group.label}: a denoiser is trained against the truth (phantoms only)")
+            targets.append(normalisation.clean_target(group.truth, group.noise, dose_fraction))
+        else:
+            targets.append(normalisation.target(group.full_dose, group.noise))
     return np.concatenate(inputs)[:, None], np.concatenate(targets)[:, None]
 
 
@@ -249,7 +260,7 @@ class PatchData:
 
     def _pairs(self, patches: list[ImagePatches], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         s = self.settings
-        return make_pairs(patches, s.dose_fraction, self.normalisation, rng, s.noise_correlation)
+        return make_pairs(patches, s.dose_fraction, self.normalisation, rng, s.noise_correlation, s.task)
 
     def training_pairs(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """New low-dose noise for every epoch when `resimulate`, else the same pairs each epoch."""

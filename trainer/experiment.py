@@ -36,6 +36,11 @@ class NormalisationSettings(_Strict):
 
 
 class DataSettings(_Strict):
+    # "restore": the network maps a low-dose image to a full-dose one (the deep restorer).
+    # "denoise": it maps the GAT of a low-dose image (noise std 1) to its noise-free GAT-domain
+    # expectation: the denoiser inside the model-based path (gat-bm3d, denoiser = "network"), whose
+    # blend then puts back full-dose noise. Needs the truth, so phantoms only, and the anscombe domain.
+    task: Literal["restore", "denoise"] = "restore"
     source: Literal["phantom", "dicom"] = "phantom"
     # source = "phantom": synthetic phantoms with seeds first_seed, first_seed + 1, …
     phantoms: int = Field(default=16, ge=2)
@@ -64,6 +69,8 @@ class DataSettings(_Strict):
     def _source_complete(self) -> DataSettings:
         if self.source == "dicom" and self.folder is None:
             raise ValueError('source = "dicom" needs folder')
+        if self.task == "denoise" and (self.source != "phantom" or self.normalisation.domain != "anscombe"):
+            raise ValueError('task = "denoise" needs source = "phantom" (the noise-free truth) and the anscombe domain')
         if self.source == "phantom":
             if self.validation_images >= self.phantoms:
                 raise ValueError(

@@ -66,6 +66,7 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
     training_data.update(checkpoint["training_data"])
     card = ModelCard(
         name=name,
+        task=data.task,
         network=experiment.network.name,
         network_options=experiment.network.options,
         receptive_field_radius=int(cast(int, net.receptive_field_radius)),

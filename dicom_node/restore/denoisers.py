@@ -2,7 +2,8 @@
 
 BM3D (PyPI `bm3d` 4.0.3) is the reference backend. Its licence is "free for non-commercial use"
 with a closed binary, so the rest of the code sees only the `Denoiser` protocol and a name;
-another backend (a GPU BM3D, say) can be added to `_BACKENDS` without touching the callers.
+"network" is a trained GAT-domain denoiser (the trainer's task "denoise"); another backend (a GPU
+BM3D, say) can be added to `_BACKENDS` without touching the callers.
 
 The noise is σ·(κ ⊛ n) with n white and κ the unit-energy correlation kernel (None: white, as
 `NoiseModel.kernel`). BM3D takes correlated noise as its power spectrum (`noise_psd`).
@@ -100,7 +101,14 @@ class Bm3dDenoiser:
         return np.asarray(estimate, dtype=np.float64).reshape(image.shape)
 
 
-_BACKENDS: dict[str, Callable[..., Denoiser]] = {"bm3d": Bm3dDenoiser}
+def _network_denoiser(**options: object) -> Denoiser:
+    """A trained GAT-domain network (`dicom_node.restore.deep.denoiser`; torch loads with it)."""
+    from dicom_node.restore.deep.denoiser import NetworkDenoiser
+
+    return NetworkDenoiser(**options)  # type: ignore[arg-type]
+
+
+_BACKENDS: dict[str, Callable[..., Denoiser]] = {"bm3d": Bm3dDenoiser, "network": _network_denoiser}
 
 
 def get_denoiser(name: str = "bm3d", **options: object) -> Denoiser:

@@ -33,3 +33,21 @@ def gat_inverse(d: np.ndarray, noise: NoiseModel) -> np.ndarray:
     electronic_in_counts = (noise.electronic_noise / gain) ** 2  # σ̃² = (σ_e/λ)²
     counts = d**2 / 4 + 0.25 * _SQRT_3_2 / d - 1.375 / d**2 + 0.625 * _SQRT_3_2 / d**3 - 0.125 - electronic_in_counts
     return gain * np.maximum(counts, 0.0) + noise.offset
+
+
+def gat_expectation(signal: np.ndarray, noise: NoiseModel, iterations: int = 60) -> np.ndarray:
+    """E[f(z)] for raw data of offset-free mean `signal`: the GAT-domain value `gat_inverse` maps to it.
+
+    The exact unbiased inverse is defined by I(E[f(z)]) = E[z]; solving it (bisection: the inverse
+    is monotone above its clamp) gives the noise-free target a GAT-domain denoiser must estimate,
+    so that its output goes back through `gat_inverse` without bias.
+    """
+    target = np.maximum(np.asarray(signal, dtype=np.float64), 0.0) + noise.offset
+    low = np.full(target.shape, _SMALLEST_D)
+    high = gat_forward(target, noise) + 2.0  # f(E z) ≥ E f(z) − a small Jensen gap, well under 2
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        below = gat_inverse(middle, noise) < target
+        low = np.where(below, middle, low)
+        high = np.where(below, high, middle)
+    return (low + high) / 2

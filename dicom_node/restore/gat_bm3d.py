@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Literal, get_args
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dicom_node.errors import ConfigurationError, InputRefused
 from dicom_node.restore.blend import (
@@ -23,6 +23,7 @@ from dicom_node.restore.blend import (
 )
 from dicom_node.restore.calibration import check_noise_correlation, estimate_noise_from_image
 from dicom_node.restore.common import BreastBox, linear_rescale, mean_ratio, validated_input
+from dicom_node.restore.deep.denoiser import NetworkDenoiser
 from dicom_node.restore.denoisers import Denoiser, get_denoiser
 from dicom_node.restore.gat import gat_forward, gat_inverse
 from dicom_node.restore.noise import NoiseModel
@@ -41,11 +42,20 @@ _MIN_MARGIN = 32  # px of context around the breast: BM3D's blocks and search wi
 
 
 class GatBm3dOptions(RestorerOptions):
-    """A profile's choices for gat-bm3d (see `GatBm3dRestorer`)."""
+    """A profile's choices for gat-bm3d (see `GatBm3dRestorer`): the blend, and the denoiser —
+    BM3D, or a trained GAT-domain network ("network"; `model` names it, empty: the newest
+    "denoise" model in the node's model directory)."""
 
     blend: Blend = "spectral"
     margin: int = Field(_MIN_MARGIN, ge=_MIN_MARGIN)
-    denoiser: str = "bm3d"
+    denoiser: Literal["bm3d", "network"] = "bm3d"
+    model: str = ""
+
+    @model_validator(mode="after")
+    def _model_for_network(self) -> GatBm3dOptions:
+        if self.model and self.denoiser != "network":
+            raise ValueError('model names a denoising network: it needs denoiser = "network"')
+        return self
 
 
 class GatBm3dRestorer:
@@ -181,24 +191,34 @@ class GatBm3dRestorer:
             "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, breast.mask),
         }
         lap("qc")
+        network = self.denoiser if isinstance(self.denoiser, NetworkDenoiser) else None
         provenance = Provenance(
             method=self.name,
-            device="cpu",
+            device=network.device if network else "cpu",
             options={
                 "blend": self.blend_mode,
                 "margin": self.margin,
                 "denoiser": self.denoiser.name,
                 # whether the denoiser was told the noise's spectrum (the noise model has a kernel κ)
                 "noise": "white" if noise.kernel is None else "coloured",
+                **({"model": network.model} if network else {}),
             },
+            model_name=network.model if network else None,
+            model_digest=network.digest if network else None,
         )
         return Restoration(image=image, provenance=provenance, qc=qc, timings=timer.finish())
 
 
 @register_restorer("gat-bm3d", GatBm3dOptions)
 def _create(options: GatBm3dOptions, environment: Environment) -> GatBm3dRestorer:
-    """BM3D runs on the CPU whatever the environment's device (a GPU backend is future work)."""
-    return GatBm3dRestorer(denoiser=options.denoiser, margin=options.margin, blend=options.blend)
+    """BM3D runs on the CPU whatever the environment's device (a GPU backend is future work); a
+    network denoiser runs on the environment's device, from its model directory."""
+    denoiser_options: dict[str, object] = {}
+    if options.denoiser == "network":
+        denoiser_options = {"model": options.model, "model_dir": environment.model_dir, "device": environment.device}
+    return GatBm3dRestorer(
+        denoiser=options.denoiser, denoiser_options=denoiser_options, margin=options.margin, blend=options.blend
+    )
 
 
 def _calibration_check(raw: np.ndarray, noise: NoiseModel, mask: np.ndarray) -> dict[str, float]:

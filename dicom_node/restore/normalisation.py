@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 from dicom_node.errors import ConfigurationError
-from dicom_node.restore.gat import gat_forward, gat_inverse
+from dicom_node.restore.gat import gat_expectation, gat_forward, gat_inverse
 from dicom_node.restore.noise import NoiseModel
 
 
@@ -44,6 +44,14 @@ class Normalisation:
     def target(self, raw_full_dose: np.ndarray, noise: NoiseModel) -> np.ndarray:
         """Training target (float32) from a full-dose raw image."""
         return self.to_network(raw_full_dose, noise, 1.0)
+
+    def clean_target(self, signal: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:
+        """A GAT-domain denoiser's target (float32): the noise-free GAT-domain expectation of an
+        acquisition at `dose_fraction` of the offset-free `signal` (anscombe domain only)."""
+        if self.domain != "anscombe":
+            raise ConfigurationError("a denoiser's target is GAT-domain: it needs the anscombe normalisation")
+        expectation = gat_expectation(dose_fraction * np.asarray(signal, dtype=np.float64), noise)
+        return (expectation / self.scale).astype(np.float32)
 
     def from_network(self, output: np.ndarray, noise: NoiseModel) -> np.ndarray:
         """Raw full-dose image (float64, offset kept) from a network output."""

@@ -18,6 +18,7 @@ from dicom_node.files import write_atomically
 from dicom_node.restore.normalisation import Normalisation
 
 REQUIRED_KEYS = ("network", "network_options", "dose_fraction", "normalisation", "weights_sha256")
+TASKS = ("restore", "denoise")
 MODEL_FILE_MODE = 0o644  # cards and weights: a shipped model must be readable by the node's user
 
 
@@ -26,6 +27,9 @@ class ModelCard:
     """A model card, field for field as <name>.json holds it (in this order)."""
 
     name: str = ""
+    # "restore": low dose → full dose (the deep restorer); "denoise": GAT-domain denoiser (σ = 1) for
+    # the model-based path's denoiser = "network". Cards written before the field are "restore".
+    task: str = "restore"
     network: str  # a name of dicom_node.restore.networks.network_names()
     network_options: dict[str, Any]  # the network's constructor options
     receptive_field_radius: int | None = None  # px
@@ -78,6 +82,8 @@ class ModelCard:
             dose_fraction = float(data["dose_fraction"])
         except (TypeError, ValueError, ConfigurationError) as error:
             raise ConfigurationError(f"{source}: {error}") from None
+        if data.get("task", "restore") not in TASKS:
+            raise ConfigurationError(f"{source}: task must be one of {', '.join(TASKS)}, got {data['task']!r}")
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {key: value for key, value in data.items() if key in known}
         extra = {key: value for key, value in data.items() if key not in known}

@@ -74,8 +74,9 @@ class DeepRestorer:
         self.device = select_device(device).type
         self.tile = tile
         self.batch = batch
-        if self.model:
-            self._load(self.model)  # a missing or broken model is said at start, not at the first image
+        if self.model:  # a missing, broken or wrong-task model is said at start, not at the first image
+            resolve_model(self.model_dir, self.model, None)
+            self._load(self.model)
 
     def _load(self, name: str) -> tuple[torch.nn.Module, Any]:
         weights = self.model_dir / f"{name}.safetensors"

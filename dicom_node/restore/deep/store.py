@@ -83,11 +83,14 @@ def _build_network(name: str, options: dict[str, Any]) -> torch.nn.Module:
         raise ConfigurationError(str(error)) from None
 
 
-def resolve_model(model_dir: Path, name: str | None, dose_fraction: float) -> str:
-    """`name` when given, else the directory's model for `dose_fraction` (the newest if several)."""
+def resolve_model(model_dir: Path, name: str | None, dose_fraction: float | None, task: str = "restore") -> str:
+    """`name` when given, else the directory's model for `task` and `dose_fraction` (any dose when
+    None), the newest if several. A named model made for another task is refused."""
     model_dir = Path(model_dir)
     if name:
-        read_card(model_dir, name)
+        card = read_card(model_dir, name)
+        if card.task != task:
+            raise ConfigurationError(f"model {name!r} is a {card.task!r} model, not a {task!r} one")
         return name
     if not model_dir.is_dir():
         raise ConfigurationError(f"model directory {model_dir} does not exist (set {MODEL_DIR_VARIABLE} or give one)")
@@ -96,8 +99,15 @@ def resolve_model(model_dir: Path, name: str | None, dose_fraction: float) -> st
         for path in sorted(model_dir.glob("*.json"))
         if path.with_suffix(".safetensors").is_file()
     }
-    fitting = [n for n, card in cards.items() if abs(card.dose_fraction - dose_fraction) <= DOSE_TOLERANCE]
+    cards = {n: card for n, card in cards.items() if card.task == task}
+    fitting = [
+        n
+        for n, card in cards.items()
+        if dose_fraction is None or abs(card.dose_fraction - dose_fraction) <= DOSE_TOLERANCE
+    ]
     if not fitting:
+        if dose_fraction is None:
+            raise ConfigurationError(f"no {task!r} model in {model_dir}")
         available = ", ".join(f"{card.dose_fraction:g} ({n})" for n, card in cards.items()) or "none"
         raise ConfigurationError(
             f"no default model for dose fraction {dose_fraction:g} in {model_dir}; available: {available}"
