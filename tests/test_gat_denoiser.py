@@ -76,7 +76,9 @@ def test_denoise_pairs_are_the_gat_of_low_dose_and_its_noise_free_expectation():
     image = phantom_images(1, 0, (192, 160), SIM)[0]
     patches = extract_patches(image, 32, 8, np.random.default_rng(1))
     normalisation = Normalisation("anscombe", 10.0)
-    draws = [make_pairs([patches], 0.5, normalisation, np.random.default_rng(seed), task="denoise") for seed in range(64)]
+    draws = [
+        make_pairs([patches], 0.5, normalisation, np.random.default_rng(seed), task="denoise") for seed in range(64)
+    ]
     inputs = np.stack([x for x, _ in draws])
     target = draws[0][1]
     assert all(np.array_equal(t, target) for _, t in draws)  # the truth's expectation: no noise
@@ -125,9 +127,10 @@ def test_gat_bm3d_runs_the_network_in_place_of_bm3d(denoiser_model):
     result = restorer.restore(low, SIM, 0.5)
     print({k: round(v, 3) for k, v in result.qc.items()}, result.timings)
     assert result.provenance.options["denoiser"] == "network" and result.provenance.model_name == "tiny-denoiser"
-    assert result.provenance.model_digest == json.loads((denoiser_model / "tiny-denoiser.json").read_text())[
-        "weights_sha256"
-    ]
+    assert (
+        result.provenance.model_digest
+        == json.loads((denoiser_model / "tiny-denoiser.json").read_text())["weights_sha256"]
+    )
     assert np.all(np.isfinite(result.image)) and result.qc["mean_ratio"] == pytest.approx(1.0, abs=0.02)
     assert 0 < result.qc["predicted_noise_ratio"] < 2
 

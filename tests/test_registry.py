@@ -31,7 +31,9 @@ def test_gat_bm3d_is_registered():
     ("name", "options", "match"),
     [
         pytest.param("nope", {}, "unknown restorer 'nope'.*gat-bm3d", id="unknown-restorer"),
-        pytest.param("gat-bm3d", {"denoiser": "fast"}, "unknown denoiser 'fast'.*bm3d", id="unknown-denoiser"),
+        pytest.param(
+            "gat-bm3d", {"denoiser": "fast"}, "denoiser: Input should be 'bm3d' or 'network'", id="unknown-denoiser"
+        ),
     ],
 )
 def test_unknown_name_lists_the_available_ones(name, options, match):
