@@ -141,3 +141,23 @@ def test_gat_bm3d_runs_the_network_in_place_of_bm3d(denoiser_model):
         check_restorer_options("gat-bm3d", {"model": "tiny-denoiser"})
     with pytest.raises(ConfigurationError, match="no 'denoise' model"):
         create_restorer("gat-bm3d", Environment(model_dir=SHIPPED_MODEL_DIR), denoiser="network")
+
+
+def test_process_restores_with_the_network_denoiser(denoiser_model, tmp_path, monkeypatch, capsys):
+    """Offline, as IT would try it: the derived image is valid and its report names the model."""
+    from dicom_node.cli import main as node_main
+
+    from dicomtools import dciodvfy_errors, low_dose_mammogram
+
+    monkeypatch.setenv("DICOM_NODE_MODEL_DIR", str(denoiser_model))
+    source = low_dose_mammogram(tmp_path / "half.dcm", seed=3, shape=(160, 128), dose_fraction=0.5, noise_seed=1)
+    out = tmp_path / "out.dcm"
+    args = [str(source), str(out), "--dose-fraction", "0.5", "--denoiser", "network", "--json"]
+    with pytest.raises(SystemExit) as info:
+        node_main(["process", *args])
+    stdout, stderr = capsys.readouterr()
+    assert info.value.code == 0, stderr
+    report = json.loads(stdout)
+    print(json.dumps({k: report[k] for k in ("pipeline", "qc")}, indent=1))
+    assert "tiny-denoiser" in json.dumps(report)
+    assert dciodvfy_errors(out) == []

@@ -30,7 +30,14 @@ def process(
     ] = None,
     offset: Annotated[Optional[float], typer.Option("--offset", help="Detector offset τ (ADU).")] = None,
     model: Annotated[
-        Optional[str], typer.Option(help="deep: model name in the model directory (default: the one for this dose).")
+        Optional[str],
+        typer.Option(
+            help="Model name in the model directory: deep, the restoring model (default: the one for this dose); "
+            "gat-bm3d with --denoiser network, the denoising one (default: the newest)."
+        ),
+    ] = None,
+    denoiser: Annotated[
+        Optional[str], typer.Option(help="gat-bm3d denoiser: bm3d (default) or network (a trained GAT-domain one).")
     ] = None,
     blend: Annotated[
         Optional[str],
@@ -45,7 +52,8 @@ def process(
 
     started = time.perf_counter()
     cfg = load_config(config)
-    options = {key: value for key, value in (("model", model), ("blend", blend)) if value is not None}
+    chosen = (("model", model), ("blend", blend), ("denoiser", denoiser))
+    options = {key: value for key, value in chosen if value is not None}
     plan = Plan(pipeline, dose_fraction, "offline", options)
     image = read_mammogram(input_path)
     read_s = time.perf_counter() - started
