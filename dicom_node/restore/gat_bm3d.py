@@ -61,9 +61,11 @@ class GatBm3dOptions(RestorerOptions):
 class GatBm3dRestorer:
     """GAT → denoise (σ = 1) on the breast's bounding box → unbiased inverse → blend.
 
+    The denoiser is BM3D, or a trained GAT-domain network (denoiser="network", a "denoise" model
+    of the trainer, `dicom_node.restore.deep.denoiser`); provenance names the model and its digest.
     The denoiser is told the noise's correlation whenever the noise model has a kernel κ (the
     GAT-domain correlation of a CsI-like detector): BM3D then gets the noise spectrum instead of
-    a white σ, and the noise-aware blend's probes are coloured the same way. Provenance records
+    a white σ, and the blends' probes are coloured the same way. Provenance records
     which: options["noise"] is "coloured" or "white". Measured on 224×176 synthetic phantoms at
     r = 0.5 (70 µm pitch, GAT-domain κ measured from flat fields):
     - 3×3 crosstalk 0.5 (strong; tests/test_mb_phantom.py): plain blend RN 1.92× → 1.83× full
