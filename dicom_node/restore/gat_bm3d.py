@@ -82,7 +82,7 @@ class GatBm3dRestorer:
     from tissue and from BM3D's own edge effects; no transition zone is needed.
 
     blend="spectral" (default) reaches the full-dose noise level with the least bias a blend can
-    buy from this estimate (`spectral_blend`): one probe (one extra denoiser call) measures the
+    buy from this estimate (`spectral_blend`): one probe (two extra denoiser calls) measures the
     estimate's own noise and its covariance with the input per frequency, and the weights per
     frequency meet the full-dose variance at the smallest bias. On an unseen 256×208 phantom
     (Hologic-like, white noise, r = 0.5) RN 1.01× FD, B² 3.2 % (plain: RN 1.71×, B² 0.35 %),
@@ -93,7 +93,7 @@ class GatBm3dRestorer:
     already noisier than full dose (correlated, CsI-like noise; r = 0.25) no blend reaches it: the
     least-noise mix is used and the QC figure predicted_noise_ratio says by how much it misses.
     blend="noise-aware" measures the same statistics per pixel (two probes) and solves one
-    weight per pixel: the same noise and bias on the phantoms, at 1.5× the spectral blend's time.
+    weight per pixel: the same noise and bias on the phantoms, at 5/3 of the spectral blend's time.
     blend="plain" is science.md's blend: it assumes a noise-free estimate, so on textured breasts
     the output stays noisier than a full-dose image (RN ≈ 1.5–1.9× at r = 0.5) with the smallest
     bias (B² ≈ 0.3–1 %); it is kept to compare against. Chosen per profile. docs/robustness.md has
