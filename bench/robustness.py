@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="a tiny grid for CI smoke tests, overriding the grid: one 192x160 phantom at 0.07 mm, hologic, "
-        "crosstalk 0 and 0.5, dose 0.5, no λ error, the default and the plain blend, the deep restorer's default "
-        "model for half dose, P = 2, N = 3",
+        "crosstalk 0 and 0.5, dose 0.5, no λ error, the default and the plain blend, the shipped denoising network, "
+        "the deep restorer's default model for half dose, P = 2, N = 3",
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (one unit of work each)")
     parser.add_argument("--out", type=Path, default=None, help="directory for robustness.md and robustness.csv")
@@ -409,12 +409,19 @@ def default_deep_model(dose: float) -> str:
     return str(model_dir / resolve_model(model_dir, None, dose))
 
 
+def default_denoiser() -> str:
+    """DIR/NAME of the newest GAT-domain denoising network in the model directory."""
+    model_dir = default_model_dir()
+    return str(model_dir / resolve_model(model_dir, None, None, task="denoise"))
+
+
 def units_of(args: argparse.Namespace) -> list[Unit]:
     if args.quick:
         # 70 µm, the clinical pitch the defaults are judged at; 192×160 is the smallest breast
         # of that pitch holding calcifications
         args.size, args.pixel_spacing, args.phantoms = (192, 160), 0.07, 1
-        args.detectors, args.models, args.denoisers = parse_detectors("hologic"), [default_deep_model(0.5)], []
+        args.detectors, args.models = parse_detectors("hologic"), [default_deep_model(0.5)]
+        args.denoisers = [default_denoiser()]
         args.crosstalk, args.doses, args.miscalibration = (0.0, 0.5), (0.5,), (0.0,)
         args.blends, args.realisations, args.references = (DEFAULT_BLEND, "plain"), 2, 3
     if args.realisations < 2 or args.references < 2:

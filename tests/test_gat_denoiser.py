@@ -139,8 +139,21 @@ def test_gat_bm3d_runs_the_network_in_place_of_bm3d(denoiser_model):
         restorer.restore(low, coloured, 0.5)
     with pytest.raises(ConfigurationError, match='needs denoiser = "network"'):
         check_restorer_options("gat-bm3d", {"model": "tiny-denoiser"})
+    empty = denoiser_model.parent / "empty"
+    empty.mkdir()
     with pytest.raises(ConfigurationError, match="no 'denoise' model"):
-        create_restorer("gat-bm3d", Environment(model_dir=SHIPPED_MODEL_DIR), denoiser="network")
+        create_restorer("gat-bm3d", Environment(model_dir=empty), denoiser="network")
+
+
+def test_the_shipped_denoiser_is_found_and_restores():
+    restorer = create_restorer("gat-bm3d", Environment(device="cpu", model_dir=SHIPPED_MODEL_DIR), denoiser="network")
+    phantom = make_phantom((192, 160), seed=78, pixel_spacing_mm=0.07)
+    low = acquire(phantom.signal, SIM, 0.5, 4).astype(np.float64)
+    result = restorer.restore(low, SIM, 0.5)
+    print({k: round(v, 3) for k, v in result.qc.items()})
+    assert result.provenance.model_name == "gat-dncnn"
+    assert result.qc["mean_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert result.qc["predicted_noise_ratio"] == pytest.approx(1.0, abs=0.05)  # full-dose noise within reach
 
 
 def test_process_restores_with_the_network_denoiser(denoiser_model, tmp_path, monkeypatch, capsys):

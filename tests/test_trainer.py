@@ -386,6 +386,7 @@ def test_export_writes_weights_and_a_complete_card(tiny_run, exported):
     assert card["normalisation"] == {"domain": "raw", "scale": 8000.0}
     assert card["noise_model"] == {"gain": 0.1, "electronic_noise": 3.0, "offset": 50.0}
     assert card["synthetic_only"] is True
+    assert "CPU cores" in card["training"]["hardware"] and card["training"]["seconds"] > 0  # what trained it, how long
     # TINY leaves noise_correlation unset: SIM-0001's own kernel, which is none (white).
     simulation = card["noise_simulation"]
     assert simulation["kernel"] == "detector kernel (none: white)" and simulation["noise_correlation"] is None
@@ -411,7 +412,7 @@ def test_export_of_a_checkpoint_without_the_kernel_record_says_so(tiny_run, tmp_
 
     _, out = tiny_run
     checkpoint = load_checkpoint(out / CHECKPOINT)
-    del checkpoint["noise_kernel"]
+    del checkpoint["noise_kernel"], checkpoint["hardware"]
     for key in ("phantom_pixel_spacing_mm", "full_dose_noise_kernel"):
         del checkpoint["training_data"][key]
     torch.save(checkpoint, tmp_path / "old.pt")
@@ -419,6 +420,7 @@ def test_export_of_a_checkpoint_without_the_kernel_record_says_so(tiny_run, tmp_
     assert card["noise_simulation"]["kernel"].startswith("not recorded")
     assert card["training_data"]["phantom_pixel_spacing_mm"] is None
     assert card["training_data"]["full_dose_noise_kernel"] == "not recorded"
+    assert card["training"]["hardware"].startswith("not recorded")
 
 
 def test_exported_model_restores_in_the_node_exactly_like_the_trained_module(tiny_run, exported):

@@ -93,6 +93,8 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
             "init_from": str(training.init_from) if training.init_from else None,
             "seed": experiment.seed,
             "device": checkpoint["device"],
+            "hardware": checkpoint.get("hardware", "not recorded (checkpoint predates the record)"),
+            "seconds": round(sum(row["seconds"] for row in checkpoint["history"]), 1),
         },
         validation={
             "psnr": last["val_psnr"],

@@ -13,6 +13,7 @@ import csv
 import io
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,7 @@ def train(
         "input_baseline": input_baseline(data.validation_pairs) if data.normalisation.domain == "raw" else None,
         "command": (previous or {}).get("command") or command,
         "device": device.type,
+        "hardware": (previous or {}).get("hardware") or describe_hardware(device),
         "parameters": sum(p.numel() for p in net.parameters()),
     }
     for epoch in range(first_epoch, settings.epochs + 1):
@@ -253,6 +255,15 @@ def train(
         )
         write_curves(out_dir, history)
     return TrainResult(checkpoint_path, history)
+
+
+def describe_hardware(device: torch.device) -> str:
+    """The machine a run trains on, for the model card: the GPU's name, or the CPU and its cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), {os.cpu_count()} CPU cores"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    )
 
 
 def _row(epoch: int, learning_rate: float, train_loss: float, metrics: dict, seconds: float) -> dict:
