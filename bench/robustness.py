@@ -176,10 +176,13 @@ def parse_detectors(text: str) -> tuple[Detector, ...]:
 
 
 def parse_blends(text: str) -> tuple[str, ...]:
+    """Comma-separated gat-bm3d blends with BM3D; "none" scores no BM3D variant (e.g. only --denoisers)."""
+    if text.strip() == "none":
+        return ()
     blends = tuple(v.strip() for v in text.split(",") if v.strip())
     unknown = [b for b in blends if b not in BLENDS]
     if unknown or not blends:
-        raise argparse.ArgumentTypeError(f"blends must be among {', '.join(BLENDS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"blends must be among {', '.join(BLENDS)} (or none), got {text!r}")
     return blends
 
 
@@ -378,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--miscalibration", type=parse_floats, default="0,0.15,-0.15", help="relative λ errors given to restorers"
     )
-    parser.add_argument("--blends", type=parse_blends, default=f"{DEFAULT_BLEND},plain", help="gat-bm3d blends")
+    parser.add_argument(
+        "--blends", type=parse_blends, default=f"{DEFAULT_BLEND},plain", help="gat-bm3d blends with BM3D, or none"
+    )
     parser.add_argument("--no-white", action="store_true", help="with crosstalk, skip the white-noise MB variants")
     parser.add_argument("--models", nargs="*", default=[], metavar="DIR/NAME", help="trained deep models to score")
     parser.add_argument(
@@ -492,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, str | float]]:
         "crosstalk": ", ".join(f"{c:g}" for c in args.crosstalk),
         "doses": ", ".join(f"{d:g}" for d in args.doses),
         "λ errors": ", ".join(f"{100 * e:+.0f} %" for e in args.miscalibration),
-        "blends": ", ".join(args.blends) + ("" if args.no_white else " (plus white variants with crosstalk)"),
+        "blends": (", ".join(args.blends) or "none")
+        + ("" if args.no_white else " (plus white variants with crosstalk)"),
         "models": ", ".join(map(str, args.models)) or "none",
         "denoising networks": ", ".join(map(str, args.denoisers)) or "none",
         "realisations P / references N": f"{args.realisations} / {args.references}",

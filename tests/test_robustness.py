@@ -124,3 +124,10 @@ def test_detectors_are_presets_or_custom():
     assert parse("hologic,0.2:5:100")[1].gain == 0.2
     with pytest.raises(Exception, match="unknown detector"):
         parse("nonsense")
+
+
+def test_blends_are_named_or_none():
+    assert robustness.parse_blends("spectral, plain") == ("spectral", "plain")
+    assert robustness.parse_blends("none") == ()
+    with pytest.raises(Exception, match="blends must be among"):
+        robustness.parse_blends("sharp")
