@@ -62,6 +62,8 @@ def test_gat_expectation_is_the_mean_of_the_transform_and_inverts_exactly():
     [
         ({"source": "dicom", "folder": "x"}, 'task = "denoise" needs source = "phantom"'),
         ({"normalisation": {"domain": "raw"}}, "the anscombe domain"),
+        ({"extra_dose_fractions": [1.5]}, r"extra_dose_fractions must lie in \(0, 1\)"),
+        ({"task": "restore", "normalisation": {"domain": "raw"}, "extra_dose_fractions": [0.25]}, "is for task"),
     ],
 )
 def test_a_denoiser_needs_phantoms_and_the_gat_domain(change, fragment):
@@ -87,6 +89,31 @@ def test_denoise_pairs_are_the_gat_of_low_dose_and_its_noise_free_expectation():
     noise = (inputs - target[None]) * 10.0  # GAT units
     print(f"input noise in GAT units: mean {noise.mean():.4f}, std {noise.std():.4f}")
     assert abs(noise.mean()) < 0.02 and noise.std() == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_denoiser_can_learn_at_several_doses():
+    """One dose drawn per image: targets are each image's expectation at its own dose."""
+    from dicom_node.restore.normalisation import Normalisation
+
+    images = phantom_images(6, 0, (192, 160), SIM)
+    groups = [extract_patches(image, 32, 4, np.random.default_rng(i)) for i, image in enumerate(images)]
+    _, targets = make_pairs(
+        groups, [0.5, 0.25], Normalisation("anscombe", 10.0), np.random.default_rng(2), task="denoise"
+    )
+    doses = []
+    for index, group in enumerate(groups):
+        target = targets[4 * index : 4 * index + 4, 0]
+        matches = [
+            dose
+            for dose in (0.5, 0.25)
+            if np.allclose(
+                target, gat_expectation(dose * group.truth.astype(np.float64), group.noise) / 10.0, rtol=1e-5
+            )
+        ]
+        assert len(matches) == 1
+        doses.append(matches[0])
+    print("doses drawn per image:", doses)
+    assert set(doses) == {0.5, 0.25}
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,7 @@ def extract_patches(image: TrainingImage, size: int, count: int, rng: np.random.
 
 def make_pairs(
     patches: list[ImagePatches],
-    dose_fraction: float,
+    dose_fraction: float | list[float],
     normalisation: Normalisation,
     rng: np.random.Generator,
     noise_correlation: float | None = None,
@@ -216,10 +216,13 @@ def make_pairs(
     full dose (task "restore") or the noise-free GAT-domain expectation of the low dose ("denoise").
 
     The injected noise is correlated by `correlation_kernel(noise_correlation)`: None, each group's
-    detector kernel (`noise.kernel`, white when it has none); 0, white; > 0, crosstalk."""
+    detector kernel (`noise.kernel`, white when it has none); 0, white; > 0, crosstalk. Several dose
+    fractions (a denoiser's): one drawn per group (image)."""
     kernel = correlation_kernel(noise_correlation)
+    doses = [dose_fraction] if isinstance(dose_fraction, float | int) else list(dose_fraction)
     inputs, targets = [], []
     for group in patches:
+        dose_fraction = doses[int(rng.integers(len(doses)))] if len(doses) > 1 else doses[0]
         low_dose = simulate_dose_reduction(group.full_dose, group.noise, dose_fraction, rng, kernel)
         inputs.append(normalisation.to_network(low_dose, group.noise, dose_fraction))
         if task == "denoise":
@@ -260,7 +263,8 @@ class PatchData:
 
     def _pairs(self, patches: list[ImagePatches], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         s = self.settings
-        return make_pairs(patches, s.dose_fraction, self.normalisation, rng, s.noise_correlation, s.task)
+        doses = [s.dose_fraction, *s.extra_dose_fractions]
+        return make_pairs(patches, doses, self.normalisation, rng, s.noise_correlation, s.task)
 
     def training_pairs(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """New low-dose noise for every epoch when `resimulate`, else the same pairs each epoch."""

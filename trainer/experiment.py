@@ -55,6 +55,9 @@ class DataSettings(_Strict):
     folder: Path | None = None
     node_config: Path | None = None  # node configuration with [detectors]; None: embedded defaults
     dose_fraction: float = Field(gt=0, lt=1)
+    # task = "denoise" only: more dose fractions to simulate, one drawn per image and epoch (a GAT-domain
+    # denoiser sees noise of std 1 whatever the dose; the dose sets the signal-to-noise it learns at)
+    extra_dose_fractions: list[float] = []
     # The noise-correlation kernel, the same for the phantoms' full-dose acquisitions and the injected
     # low-dose noise: None, the detector's own kernel (its noise model's `kernel`; white when it has
     # none); 0, white; > 0, the 3×3 crosstalk kernel of that strength (dicom_node.sim.acquisition).
@@ -71,6 +74,10 @@ class DataSettings(_Strict):
             raise ValueError('source = "dicom" needs folder')
         if self.task == "denoise" and (self.source != "phantom" or self.normalisation.domain != "anscombe"):
             raise ValueError('task = "denoise" needs source = "phantom" (the noise-free truth) and the anscombe domain')
+        if self.extra_dose_fractions and self.task != "denoise":
+            raise ValueError('extra_dose_fractions is for task = "denoise" (a restoring model is made for one dose)')
+        if any(not 0 < d < 1 for d in self.extra_dose_fractions):
+            raise ValueError("extra_dose_fractions must lie in (0, 1)")
         if self.source == "phantom":
             if self.validation_images >= self.phantoms:
                 raise ValueError(

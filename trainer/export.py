@@ -82,6 +82,7 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
             "kernel_size": kernel["kernel_size"],
             "neighbour_correlation": kernel["neighbour_correlation"],
             "resimulated_every_epoch": data.resimulate,
+            "dose_fractions": [data.dose_fraction, *data.extra_dose_fractions],
         },
         training_data=training_data,
         training={
