@@ -85,15 +85,17 @@ class GatBm3dRestorer:
     buy from this estimate (`spectral_blend`): one probe (two extra denoiser calls) measures the
     estimate's own noise and its covariance with the input per frequency, and the weights per
     frequency meet the full-dose variance at the smallest bias. On an unseen 256×208 phantom
-    (Hologic-like, white noise, r = 0.5) RN 1.01× FD, B² 3.2 % (plain: RN 1.71×, B² 0.35 %),
-    MNSE 1.30× FD (plain 1.71×), calcification contrast 0.99. The bias is the texture BM3D removes:
-    reaching full-dose noise means giving its estimate most of the weight, and BM3D keeps most of
-    the low-frequency noise (its leftover is 0.9× the input's there, 0.2× at the highest
-    frequencies), so the noise can only be cut where the texture is. Where the estimate alone is
-    already noisier than full dose (correlated, CsI-like noise; r = 0.25) no blend reaches it: the
+    (Hologic-like, white noise, r = 0.5; docs/robustness.md) RN 0.97× FD, B² 3.1 % (plain: RN
+    1.64×, B² 0.34 %), MNSE 1.26× FD (plain 1.67×), calcification contrast 0.99. The bias is the
+    texture the denoiser removes: reaching full-dose noise means giving its estimate most of the
+    weight, and BM3D keeps most of the low-frequency noise (its leftover is 0.9× the input's there,
+    0.2× at the highest frequencies), so the noise can only be cut where the texture is. Where the
+    estimate alone is already noisier than full dose (low gain, correlated noise, r = 0.25) no
+    blend reaches it (a trained denoiser, denoiser="network", often does): the
     least-noise mix is used and the QC figure predicted_noise_ratio says by how much it misses.
     blend="noise-aware" measures the same statistics per pixel (two probes) and solves one
-    weight per pixel: the same noise and bias on the phantoms, at 5/3 of the spectral blend's time.
+    weight per pixel: the same noise and bias within a few per cent on the phantoms compared, at
+    5/3 of the spectral blend's time.
     blend="plain" is science.md's blend: it assumes a noise-free estimate, so on textured breasts
     the output stays noisier than a full-dose image (RN ≈ 1.5–1.9× at r = 0.5) with the smallest
     bias (B² ≈ 0.3–1 %); it is kept to compare against. Chosen per profile. docs/robustness.md has
