@@ -29,6 +29,7 @@ import argparse
 import csv
 import io
 import math
+import multiprocessing
 import os
 import platform
 import sys
@@ -478,7 +479,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, str | float]]:
         )
 
     if args.jobs > 1 and len(units) > 1:
-        with ProcessPoolExecutor(max_workers=min(args.jobs, len(units))) as pool:
+        # spawn, not fork: a forked child of a process whose torch threads already ran can hang
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(args.jobs, len(units)), mp_context=spawn) as pool:
             for rows in pool.map(run_unit, units):  # in grid order whatever finishes first
                 progress(rows)
     else:
