@@ -71,6 +71,16 @@ GOAL_QUARTER_DOSE_MAX = 1.10
 GOAL_MISCALIBRATED = (0.90, 1.15)
 GOAL_CALCIFICATION = 0.95
 
+FIGURES = (  # the numeric figures of each row
+    "rn_over_fd",
+    "exact_rn_over_fd",
+    "mnse_over_fd",
+    "rn_pct",
+    "b2_pct",
+    "exact_b2_pct",
+    "calcification_retention",
+    "seconds_per_image",
+)
 FIELDS = (
     "phantom_seed",
     "detector",
@@ -81,14 +91,7 @@ FIELDS = (
     "dose",
     "gain_error",
     "method",
-    "rn_over_fd",
-    "exact_rn_over_fd",
-    "mnse_over_fd",
-    "rn_pct",
-    "b2_pct",
-    "exact_b2_pct",
-    "calcification_retention",
-    "seconds_per_image",
+    *FIGURES,
     "goal",
 )
 

@@ -79,7 +79,7 @@ def test_spectral_blend_reaches_full_dose_noise_and_keeps_the_mean():
         gat_image = gat_forward(low, NOISE)
         gat_estimate = denoiser(gat_image, 1.0)
         estimate = gat_inverse(gat_estimate, NOISE)
-        probes = probe_responses(denoiser, gat_image, gat_estimate, 1, seed=int(rng.integers(1 << 30)))
+        probes = probe_responses(denoiser, gat_image, 1, seed=int(rng.integers(1 << 30)))
         result = spectral_blend(low, estimate, NOISE, r, probes, mask)
         spectral.append(result.image - NOISE.offset)
         plain.append(blend(low, estimate, NOISE, r) - NOISE.offset)

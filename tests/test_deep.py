@@ -112,7 +112,7 @@ def loads(monkeypatch):
         return load(model_dir, name)
 
     monkeypatch.setattr(deep, "load_model", counting)
-    deep.cached_model.cache_clear()
+    deep._cached_model.cache_clear()
     return names
 
 

@@ -13,7 +13,7 @@ from dicom_node.restore.calibration import calibrate_flat_fields, kernel_neighbo
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import create_restorer
 from dicom_node.sim.acquisition import acquire, crosstalk_kernel
-from dicom_node.sim.evaluation import calcification_retention, exact_noise_bias, mnse
+from dicom_node.sim.evaluation import evaluate_group
 from dicom_node.sim.phantom import flat_field, make_phantom
 
 from dicomtools import sim_noise_model
@@ -22,6 +22,22 @@ DOSE = 0.5
 REALISATIONS = 3
 GT_REALISATIONS = 10
 PITCH = 0.07  # mm: native-resolution data (70 µm), as these figures were set for; not the simulator's default
+
+
+def figures_of(groups: dict, reference, phantom, label: str) -> dict:
+    """(protocol, exact) figures of each group (`evaluate_group`; "FD" first), printed with RN/RN_FD."""
+    figures = {}
+    for group, stack in groups.items():
+        result = evaluate_group(group, stack, reference, phantom.signal, phantom.calcifications, phantom.mask)
+        protocol, exact = result.protocol, result.exact
+        figures[group] = (protocol, exact)
+        print(
+            f"{label} {group}: RN/RN_FD {protocol.rn / figures['FD'][0].rn:.3f} | MNSE {100 * protocol.mnse:.2f}% "
+            f"RN {100 * protocol.rn:.2f}% B² {100 * protocol.b2:.3f}% | exact RN {100 * exact.rn:.2f}% "
+            f"B² {100 * exact.b2:.3f}% | calcification contrast kept {result.calcification_retention:.3f}"
+        )
+    return figures
+
 
 DETECTORS = {  # noise model, breast and direct-exposure signal at full dose (within 14 bits)
     "a-Se, Hologic-like": (sim_noise_model(), 1000.0, 12000.0),  # SIM-0001 of the embedded defaults
@@ -49,17 +65,7 @@ def test_mb_reaches_full_dose_noise_with_small_bias(name):
     restored = offset_free([restorer.restore(z.astype(np.float64), noise, DOSE).image for z in low_raw])
     kept = offset_free([plain.restore(z.astype(np.float64), noise, DOSE).image for z in low_raw])
 
-    figures = {}
-    for group, stack in (("FD", full), ("LD", low), ("MB", restored), ("MB plain", kept)):
-        protocol = mnse(stack, reference, phantom.mask)
-        exact = exact_noise_bias(stack, phantom.signal, phantom.mask)
-        retention = calcification_retention(stack.mean(0), phantom.signal, phantom.calcifications, phantom.mask)
-        figures[group] = (protocol, exact)
-        print(
-            f"{name} {group}: MNSE {100 * protocol.mnse:.2f}% RN {100 * protocol.rn:.2f}% "
-            f"B² {100 * protocol.b2:.3f}% | exact RN {100 * exact.rn:.2f}% B² {100 * exact.b2:.3f}% "
-            f"| calcification contrast kept {retention:.2f}"
-        )
+    figures = figures_of({"FD": full, "LD": low, "MB": restored, "MB plain": kept}, reference, phantom, name)
 
     fd, ld, mb, pl = (figures[g][0] for g in ("FD", "LD", "MB", "MB plain"))
     fd_exact, mb_exact, pl_exact = figures["FD"][1], figures["MB"][1], figures["MB plain"][1]
@@ -129,17 +135,7 @@ def test_mb_on_correlated_noise_with_and_without_the_spectrum():
         assert restorations[0].provenance.options["noise"] == ("white" if model.kernel is None else "coloured")
         groups[label] = offset_free([r.image for r in restorations])
 
-    figures = {}
-    for group, stack in groups.items():
-        protocol = mnse(stack, reference, phantom.mask)
-        exact = exact_noise_bias(stack, phantom.signal, phantom.mask)
-        retention = calcification_retention(stack.mean(0), phantom.signal, phantom.calcifications, phantom.mask)
-        figures[group] = (protocol, exact)
-        print(
-            f"correlated {group}: RN/RN_FD {protocol.rn / figures['FD'][0].rn:.3f} | MNSE {100 * protocol.mnse:.2f}% "
-            f"RN {100 * protocol.rn:.2f}% B² {100 * protocol.b2:.3f}% | exact RN {100 * exact.rn:.2f}% "
-            f"B² {100 * exact.b2:.3f}% | calcification contrast kept {retention:.3f}"
-        )
+    figures = figures_of(groups, reference, phantom, "correlated")
     (ld, _), (mb, mb_exact), (sp, sp_exact) = (figures[g] for g in ("LD", "MB white BM3D", "MB spectrum BM3D"))
     # Robust (4 noise/phantom seeds: RN −4 to −6 %): told the spectrum, BM3D leaves less noise in its
     # estimate, so the plain blend's RN and MNSE fall (only a few per cent: most of this noise is

@@ -36,16 +36,6 @@ EXPECTED_METHODS = [  # (crosstalk, method) in grid order
     ("0.5", NETWORK + ", white"),
     ("0.5", DEEP),
 ]
-NUMERIC = [
-    "rn_over_fd",
-    "exact_rn_over_fd",
-    "mnse_over_fd",
-    "rn_pct",
-    "b2_pct",
-    "exact_b2_pct",
-    "calcification_retention",
-    "seconds_per_image",
-]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +67,7 @@ def test_quick_grid_writes_the_table_and_csv(quick_run):
     assert [r["method"] for r in rows] == [r["method"] for r in records]
 
     for r in records:
-        for key in NUMERIC:
+        for key in robustness.FIGURES:
             assert math.isfinite(float(r[key])), (r["method"], key, r[key])
         assert r["goal"] == "—" if r["method"] in ("LD", "FD") else r["goal"].startswith(("ok", "miss"))
         if r["method"] == "LD":

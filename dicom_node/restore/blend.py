@@ -97,7 +97,6 @@ def combine(
 def probe_responses(
     denoiser: Denoiser,
     gat_image: np.ndarray,
-    gat_estimate: np.ndarray,
     count: int,
     seed: int = 0,
     kernel: np.ndarray | None = None,
@@ -134,7 +133,6 @@ def probe_responses(
 def estimate_noise_statistics(
     denoiser: Denoiser,
     gat_image: np.ndarray,
-    gat_estimate: np.ndarray,
     seed: int = 0,
     kernel: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +143,7 @@ def estimate_noise_statistics(
     and s² = var(ε) = (HCHᵀ)_ii ≈ ⟨r²⟩. (Reading s² from the residual f − D instead counts the
     structure BM3D removed as noise.) Two probes are averaged (four more denoiser calls).
     """
-    pairs = probe_responses(denoiser, gat_image, gat_estimate, PIXEL_PROBES, seed, kernel)
+    pairs = probe_responses(denoiser, gat_image, PIXEL_PROBES, seed, kernel)
     products = sum(probe * response for probe, response in pairs) / len(pairs)
     squares = sum(response**2 for _, response in pairs) / len(pairs)
     covariance = np.clip(ndimage.gaussian_filter(products, _LOCAL_WINDOW), 0.0, 0.99)

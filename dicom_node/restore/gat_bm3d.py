@@ -163,9 +163,7 @@ class GatBm3dRestorer:
             estimate = gat_inverse(gat_estimate, box_noise)
             lap("inverse")
             if self.blend_mode == "spectral":
-                probes = probe_responses(
-                    self.denoiser, gat_image, gat_estimate, SPECTRAL_PROBES, kernel=box_noise.kernel
-                )
+                probes = probe_responses(self.denoiser, gat_image, SPECTRAL_PROBES, kernel=box_noise.kernel)
                 lap("noise_statistics")
                 blended = spectral_blend(box, estimate, box_noise, dose_fraction, probes, box_mask)
                 image[breast.rows, breast.cols] = blended.image
@@ -174,9 +172,7 @@ class GatBm3dRestorer:
             else:
                 pixel_statistics: tuple[np.ndarray | float, np.ndarray | float] = (0.0, 0.0)
                 if self.blend_mode == "noise-aware":
-                    pixel_statistics = estimate_noise_statistics(
-                        self.denoiser, gat_image, gat_estimate, kernel=box_noise.kernel
-                    )
+                    pixel_statistics = estimate_noise_statistics(self.denoiser, gat_image, kernel=box_noise.kernel)
                     estimate_variance = float(np.mean(np.asarray(pixel_statistics[0])[box_mask]))
                     lap("noise_statistics")
                 w_low, w_estimate = blend_weights(estimate, box_noise, dose_fraction, *pixel_statistics)

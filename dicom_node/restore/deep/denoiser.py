@@ -11,19 +11,14 @@ Torch is imported when a model is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dicom_node.errors import ConfigurationError
 from dicom_node.restore.calibration import kernel_neighbour_correlations
-from dicom_node.restore.deep.card import ModelCard
 from dicom_node.restore.deep.store import cached_model, default_model_dir, resolve_model
 from dicom_node.restore.deep.tiling import tiled_inference
 from dicom_node.restore.device import select_device
-
-if TYPE_CHECKING:
-    import torch
 
 _CORRELATION_TOLERANCE = 0.1  # |neighbour correlation of the detector's κ − the model's| accepted
 
@@ -45,16 +40,11 @@ class NetworkDenoiser:
         self.model = resolve_model(self.model_dir, model or None, None, task="denoise")
         self.device = select_device(device).type
         self.tile, self.batch = tile, batch
-        net, card = self._load()
+        _, card = cached_model(self.model_dir, self.model, self.device)
         self.digest = card.weights_sha256
         self.scale = card.normaliser.scale
         trained = (card.noise_simulation or {}).get("neighbour_correlation") or {}
         self.correlation = (float(trained.get("vertical", 0.0)), float(trained.get("horizontal", 0.0)))
-
-    def _load(self) -> tuple[torch.nn.Module, ModelCard]:
-        weights = self.model_dir / f"{self.model}.safetensors"
-        modified = weights.stat().st_mtime_ns if weights.is_file() else 0
-        return cached_model(str(self.model_dir.resolve()), self.model, self.device, modified)
 
     def __call__(self, image: np.ndarray, sigma: float, kernel: np.ndarray | None = None) -> np.ndarray:
         if sigma != 1.0:
@@ -66,7 +56,7 @@ class NetworkDenoiser:
                 f"{self.correlation[0]:.2f}/{self.correlation[1]:.2f} (vertical/horizontal); this detector's "
                 f"kernel gives {given[0]:.2f}/{given[1]:.2f}: train one for it"
             )
-        net, _ = self._load()
+        net, _ = cached_model(self.model_dir, self.model, self.device)
         x = (np.asarray(image, dtype=np.float64) / self.scale).astype(np.float32)
         output = tiled_inference(net, x, tile=self.tile, batch=self.batch, device=self.device)
         return np.asarray(output, dtype=np.float64) * self.scale

@@ -79,9 +79,7 @@ class DeepRestorer:
             self._load(self.model)
 
     def _load(self, name: str) -> tuple[torch.nn.Module, Any]:
-        weights = self.model_dir / f"{name}.safetensors"
-        modified = weights.stat().st_mtime_ns if weights.is_file() else 0
-        return cached_model(str(self.model_dir.resolve()), name, self.device, modified)
+        return cached_model(self.model_dir, name, self.device)
 
     def restore(self, raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Restoration:
         raw = validated_input(raw, noise, dose_fraction)

@@ -122,8 +122,15 @@ def _created(card: ModelCard) -> float:
         return float("-inf")
 
 
+def cached_model(model_dir: Path, name: str, device: str) -> tuple[torch.nn.Module, ModelCard]:
+    """Model `name` on `device`, loaded once per process and weights-file version (a worker loads once;
+    a replaced weights file is read again)."""
+    weights = Path(model_dir) / f"{name}.safetensors"
+    modified = weights.stat().st_mtime_ns if weights.is_file() else 0
+    return _cached_model(str(Path(model_dir).resolve()), name, device, modified)
+
+
 @lru_cache(maxsize=8)
-def cached_model(model_dir: str, name: str, device: str, modified_ns: int) -> tuple[torch.nn.Module, ModelCard]:
-    """One load per model, device and weights file version in a process (a worker loads once)."""
+def _cached_model(model_dir: str, name: str, device: str, modified_ns: int) -> tuple[torch.nn.Module, ModelCard]:
     net, card = load_model(Path(model_dir), name)
     return net.to(device), card
