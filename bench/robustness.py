@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.restore.calibration import calibrate_flat_fields
-from dicom_node.restore.deep.store import default_model_dir, resolve_model
+from dicom_node.restore.deep.store import default_model_dir, read_card, resolve_model
 from dicom_node.restore.gat_bm3d import BLEND_MODES, GatBm3dOptions
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
@@ -212,20 +212,34 @@ def _restorers(unit: Unit) -> list[tuple[str, Restorer, bool]]:
         methods.append((f"MB {blend}", restorer, unit.crosstalk > 0))
         if unit.crosstalk > 0 and unit.white:
             methods.append((f"MB {blend}, white", restorer, False))
-    for model in unit.denoisers:
-        path = Path(model)
-        name = path.name.removesuffix(".json").removesuffix(".safetensors")
-        environment = Environment(model_dir=path.parent)
-        network = create_restorer("gat-bm3d", environment, denoiser="network", model=name, blend=DEFAULT_BLEND)
-        # trained for one noise correlation (white here): run as told white noise where there is crosstalk
-        white = ", white" if unit.crosstalk > 0 else ""
-        methods.append((f"MB {DEFAULT_BLEND} + {name}{white}", network, False))
+    for entry in unit.denoisers:
+        model_dir, name, blend, conditioned = denoiser_entry(entry)
+        network = create_restorer(
+            "gat-bm3d", Environment(model_dir=model_dir), denoiser="network", model=name, blend=blend
+        )
+        # a conditioned network is told the noise's correlation; one trained for white noise runs as told
+        # white noise where there is crosstalk
+        white = ", white" if unit.crosstalk > 0 and not conditioned else ""
+        methods.append((f"MB {blend} + {name}{white}", network, conditioned and unit.crosstalk > 0))
     for model in unit.models:
         path = Path(model)
         name = path.name.removesuffix(".json").removesuffix(".safetensors")
         deep = create_restorer("deep", Environment(model_dir=path.parent), model=name)
         methods.append((f"DL {name}", deep, unit.crosstalk > 0))
     return methods
+
+
+def denoiser_entry(entry: str) -> tuple[Path, str, str, bool]:
+    """(model directory, name, blend, conditioned) of a --denoisers entry DIR/NAME[:BLEND]. Without
+    a blend: plain for a model trained through it (loss "protocol"), else gat-bm3d's default."""
+    model, _, blend = entry.partition(":")
+    path = Path(model)
+    name = path.name.removesuffix(".json").removesuffix(".safetensors")
+    card = read_card(path.parent, name)
+    if blend and blend not in BLEND_MODES:
+        raise SystemExit(f"--denoisers {entry}: unknown blend {blend!r}; known: {', '.join(BLEND_MODES)}")
+    blend = blend or ("plain" if card.loss == "protocol" else DEFAULT_BLEND)
+    return path.parent, name, blend, bool(card.network_options.get("conditions"))
 
 
 def run_unit(unit: Unit) -> list[Row]:
@@ -394,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--denoisers",
         nargs="*",
         default=[],
-        metavar="DIR/NAME",
-        help="trained GAT-domain denoising networks to score in BM3D's place (gat-bm3d, default blend)",
+        metavar="DIR/NAME[:BLEND]",
+        help="trained GAT-domain denoising networks to score in BM3D's place (gat-bm3d; blend: plain for a "
+        "network trained through it, else the default)",
     )
     parser.add_argument("--realisations", "-P", type=int, default=3, help="P realisations per group")
     parser.add_argument("--references", "-N", type=int, default=6, help="N full-dose references (pseudo-GT)")
@@ -421,7 +436,7 @@ def default_deep_model(dose: float) -> str:
 def default_denoiser() -> str:
     """DIR/NAME of the newest GAT-domain denoising network in the model directory."""
     model_dir = default_model_dir()
-    return str(model_dir / resolve_model(model_dir, None, None, task="denoise"))
+    return str(model_dir / resolve_model(model_dir, None, None, tasks=("denoise",)))
 
 
 def units_of(args: argparse.Namespace) -> list[Unit]:

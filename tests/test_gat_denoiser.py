@@ -12,6 +12,7 @@ import pytest
 
 from dicom_node.errors import ConfigurationError
 from dicom_node.restore.deep import DeepRestorer, resolve_model
+from dicom_node.restore.deep.card import TASKS
 from dicom_node.restore.deep.store import SHIPPED_MODEL_DIR
 from dicom_node.restore.gat import gat_expectation, gat_forward, gat_inverse
 from dicom_node.restore.noise import NoiseModel
@@ -138,12 +139,29 @@ def denoiser_model(tmp_path_factory):
 def test_the_store_tells_denoisers_from_restorers(denoiser_model):
     card = json.loads((denoiser_model / "tiny-denoiser.json").read_text())
     assert card["task"] == "denoise" and card["network"] == "dncnn"
-    assert resolve_model(denoiser_model, None, None, task="denoise") == "tiny-denoiser"
-    assert resolve_model(denoiser_model, None, 0.5) != "tiny-denoiser"  # the deep restorer's default
-    with pytest.raises(ConfigurationError, match="is a 'denoise' model, not a 'restore' one"):
-        DeepRestorer(model="tiny-denoiser", model_dir=denoiser_model, device="cpu").restore(
-            np.full((64, 64), 500.0), SIM, 0.5
-        )
+    assert resolve_model(denoiser_model, None, None, tasks=("denoise",)) == "tiny-denoiser"
+    assert resolve_model(denoiser_model, None, 0.5) != "tiny-denoiser"  # restoring models only
+    assert resolve_model(denoiser_model, None, 0.5, TASKS) == "tiny-denoiser"  # the newest serving 0.5
+    with pytest.raises(ConfigurationError, match="is a 'restore' model, not a 'denoise' one"):
+        resolve_model(denoiser_model, "hresnet-phantom-50", None, tasks=("denoise",))
+
+
+def test_the_deep_restorer_runs_a_denoiser_as_the_cnn_on_vst(denoiser_model):
+    """GAT → network → unbiased inverse → blend (spectral for a network trained for the MSE), for
+    the doses it was trained at only; a blend is refused for an end-to-end model."""
+    phantom = make_phantom((160, 128), seed=76, pixel_spacing_mm=0.07)
+    low = acquire(phantom.signal, SIM, 0.5, 2).astype(np.float64)
+    restorer = DeepRestorer(model="tiny-denoiser", model_dir=denoiser_model, device="cpu")
+    result = restorer.restore(low, SIM, 0.5)
+    assert result.provenance.method == "deep" and result.provenance.model_name == "tiny-denoiser"
+    assert result.provenance.options == {"model": "tiny-denoiser", "blend": "spectral", "noise": "white"}
+    assert result.qc["mean_ratio"] == pytest.approx(1.0, abs=0.02) and "predicted_noise_ratio" in result.qc
+    plain = DeepRestorer(model="tiny-denoiser", model_dir=denoiser_model, device="cpu", blend="plain")
+    assert plain.restore(low, SIM, 0.5).provenance.options["blend"] == "plain"
+    with pytest.raises(ConfigurationError, match="trained for dose fraction 0.5, not 0.25"):
+        restorer.restore(low, SIM, 0.25)
+    with pytest.raises(ConfigurationError, match="blend is for denoising models"):
+        DeepRestorer(model="hresnet-phantom-50", model_dir=denoiser_model, device="cpu", blend="plain")
 
 
 def test_gat_bm3d_runs_the_network_in_place_of_bm3d(denoiser_model):

@@ -42,6 +42,9 @@ class SpyDenoiser:
         self.images: list[np.ndarray] = []
         self.kernels: list[np.ndarray | None] = []
 
+    def for_image(self, gat_image, noise, dose_fraction):
+        return self
+
     def __call__(self, image: np.ndarray, sigma: float, kernel: np.ndarray | None = None) -> np.ndarray:
         self.shapes.append(image.shape)
         self.images.append(image.copy())
@@ -282,6 +285,9 @@ def test_qc_reads_the_noise_correlation_of_the_background_against_the_model():
 
     class Identity:  # the QC figures are what is tested: skip BM3D's time
         name = "identity"
+
+        def for_image(self, gat_image, noise, dose_fraction):
+            return self
 
         def __call__(self, image, sigma, kernel=None):
             return image

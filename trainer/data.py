@@ -24,7 +24,9 @@ import numpy as np
 from dicom_node.config import Config, load_config
 from dicom_node.detectors import detector_noise, noise_model_for
 from dicom_node.errors import ConfigurationError, InputRefused
+from dicom_node.restore.blend import noise_level_maps
 from dicom_node.restore.calibration import kernel_neighbour_correlations
+from dicom_node.restore.gat import gat_forward
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.normalisation import Normalisation
@@ -234,6 +236,61 @@ def make_pairs(
     return np.concatenate(inputs)[:, None], np.concatenate(targets)[:, None]
 
 
+# Channels of the packed targets of `acquired_pairs`: what the "protocol" loss needs besides the
+# network's own target (channel 0), per pixel: truth (full dose, offset-free), the low-dose input
+# (offset-free), λ, σ_e², r.
+PACKED_TARGETS = ("target", "truth", "low_dose", "gain", "electronic_variance", "dose_fraction")
+
+
+def acquired_pairs(
+    patches: list[ImagePatches], settings: DataSettings, normalisation: Normalisation, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of `low_dose_from = "truth"`, float32 [patch × realisation, channel, row, column].
+
+    Every patch gets its own dose (one of the settings' fractions), detector (drawn from
+    `detector_ranges`, else its image's) and noise correlation (3×3 crosstalk drawn from
+    `crosstalk_range`, else `noise_correlation`'s kernel, else the detector's), then
+    `realisations` acquisitions of its truth, consecutive. Inputs: the GAT image (normalised) and,
+    with `noise_level_maps`, its maps. Targets (`PACKED_TARGETS`): the exact GAT-domain expectation
+    (normalised; what a denoiser should output) and the physics the protocol loss needs.
+    """
+    doses = [settings.dose_fraction, *settings.extra_dose_fractions]
+    inputs, targets = [], []
+    for group in patches:
+        if group.truth is None:
+            raise ConfigurationError(f'{group.label}: low_dose_from = "truth" needs the truth (phantoms only)')
+        for truth in group.truth.astype(np.float64):
+            noise = _drawn_noise(group.noise, settings, rng)
+            dose = doses[int(rng.integers(len(doses)))]
+            target = normalisation.clean_target(truth, noise, dose)
+            constants = [np.full(truth.shape, value) for value in (noise.gain, noise.electronic_noise**2, dose)]
+            for _ in range(settings.realisations):
+                low_dose = acquire(truth, noise, dose, rng).astype(np.float64)
+                channels = [normalisation.to_network(low_dose, noise, dose)]
+                if settings.noise_level_maps:
+                    channels.extend(noise_level_maps(gat_forward(low_dose, noise), noise, dose))
+                inputs.append(np.stack(channels))
+                targets.append(np.stack([target, truth, low_dose - noise.offset, *constants]))
+    return np.asarray(inputs, dtype=np.float32), np.asarray(targets, dtype=np.float32)
+
+
+def _drawn_noise(noise: NoiseModel, settings: DataSettings, rng: np.random.Generator) -> NoiseModel:
+    """A patch's detector: λ, σ_e, τ from `detector_ranges` (else the image's), with its kernel."""
+    kernel: np.ndarray | None
+    if settings.crosstalk_range is not None:
+        kernel = crosstalk_kernel(float(rng.uniform(*settings.crosstalk_range)))
+    else:
+        kernel = correlation_kernel(settings.noise_correlation)
+        kernel = noise.kernel if kernel is None else kernel
+    if kernel is not None and kernel.shape == (1, 1):
+        kernel = None  # white
+    ranges = settings.detector_ranges
+    if ranges is None:
+        return NoiseModel(noise.gain, noise.electronic_noise, noise.offset, kernel)
+    gain, electronic, offset = (float(rng.uniform(*r)) for r in (ranges.gain, ranges.electronic_noise, ranges.offset))
+    return NoiseModel(gain, electronic, offset, kernel)
+
+
 def inputs_digest(images: list[TrainingImage]) -> str:
     """sha256 of the list of training inputs: each image's label and pixel digest, one per line."""
     lines = (
@@ -263,6 +320,8 @@ class PatchData:
 
     def _pairs(self, patches: list[ImagePatches], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         s = self.settings
+        if s.low_dose_from == "truth":
+            return acquired_pairs(patches, s, self.normalisation, rng)
         doses = [s.dose_fraction, *s.extra_dose_fractions]
         return make_pairs(patches, doses, self.normalisation, rng, s.noise_correlation, s.task)
 
@@ -299,9 +358,24 @@ class PatchData:
         }
 
     def kernel_summary(self) -> dict:
-        """The model card's record of the noise-correlation kernel (`kernel_summary`)."""
+        """The model card's record of the noise-correlation kernel (`kernel_summary`); with a crosstalk
+        range or noise-level maps, also the range of mean neighbour correlations trained on."""
+        s = self.settings
+        if s.crosstalk_range is not None:
+            low, high = (float(np.mean(kernel_neighbour_correlations(crosstalk_kernel(c)))) for c in s.crosstalk_range)
+            return {
+                "kernel": f"crosstalk {s.crosstalk_range[0]:g} to {s.crosstalk_range[1]:g}, drawn per patch",
+                "noise_correlation": None,
+                "kernel_size": [3, 3],
+                "neighbour_correlation": {"lowest": round(low, 4), "highest": round(high, 4)},
+            }
         images = self.train_images + self.validation_images
-        return kernel_summary(self.settings.noise_correlation, [img.noise for img in images])
+        summary = kernel_summary(s.noise_correlation, [img.noise for img in images])
+        correlation = summary["neighbour_correlation"]
+        if s.noise_level_maps and isinstance(correlation, dict):
+            mean = round((correlation["vertical"] + correlation["horizontal"]) / 2, 4)
+            summary["neighbour_correlation"] = {**correlation, "lowest": mean, "highest": mean}
+        return summary
 
     def noise_summary(self) -> dict:
         """The model card's noise_model: the one used, or a note when the images had several."""

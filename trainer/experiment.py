@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dicom_node.config import describe_validation_error
 from dicom_node.errors import ConfigurationError
+from dicom_node.restore.blend import NOISE_LEVEL_MAPS
 from dicom_node.restore.normalisation import Normalisation
 
 
@@ -33,6 +34,24 @@ class NormalisationSettings(_Strict):
 
     def build(self) -> Normalisation:
         return Normalisation(self.domain, self.scale)
+
+
+class DetectorRanges(_Strict):
+    """Ranges a detector is drawn from, uniformly, per training patch (λ, σ_e, τ of `NoiseModel`)."""
+
+    gain: tuple[float, float]
+    electronic_noise: tuple[float, float]
+    offset: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DetectorRanges:
+        for name in ("gain", "electronic_noise", "offset"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high or (name == "gain" and low == 0):
+                raise ValueError(
+                    f"{name} must be a range [low, high] with 0 {'<' if name == 'gain' else '≤'} low ≤ high"
+                )
+        return self
 
 
 class DataSettings(_Strict):
@@ -62,6 +81,18 @@ class DataSettings(_Strict):
     # low-dose noise: None, the detector's own kernel (its noise model's `kernel`; white when it has
     # none); 0, white; > 0, the 3×3 crosstalk kernel of that strength (dicom_node.sim.acquisition).
     noise_correlation: float | None = Field(default=None, ge=0, le=1)
+    # task = "denoise": where the low-dose input comes from. "full-dose": the VST dose reduction of the
+    # phantom's full-dose acquisition (as it must be for clinical data). "truth": acquired anew from
+    # the phantom's noise-free signal, every patch with its own draw of dose, detector and crosstalk:
+    # what several noise realisations of one patch need (the protocol loss measures noise and bias
+    # over them; realisations of a dose reduction would share the full dose's noise as "bias").
+    low_dose_from: Literal["full-dose", "truth"] = "full-dose"
+    realisations: int = Field(default=1, ge=1)  # noise realisations per patch, consecutive in every batch
+    detector_ranges: DetectorRanges | None = None  # λ, σ_e, τ drawn per patch (low_dose_from = "truth")
+    crosstalk_range: tuple[float, float] | None = None  # 3×3 crosstalk strength drawn per patch (idem)
+    # add the noise-level maps (dicom_node.restore.blend.noise_level_maps) as input channels: the
+    # network then needs options.conditions = 2 and serves every dose and detector it was trained on
+    noise_level_maps: bool = False
     resimulate: bool = False  # new low-dose noise every epoch (seed 001)
     patch_size: int = Field(default=64, ge=8)
     patches_per_image: int = Field(default=256, ge=1)
@@ -78,6 +109,19 @@ class DataSettings(_Strict):
             raise ValueError('extra_dose_fractions is for task = "denoise" (a restoring model is made for one dose)')
         if any(not 0 < d < 1 for d in self.extra_dose_fractions):
             raise ValueError("extra_dose_fractions must lie in (0, 1)")
+        if self.low_dose_from == "truth" and self.task != "denoise":
+            raise ValueError('low_dose_from = "truth" is for task = "denoise" (phantoms, against their truth)')
+        drawn = self.realisations > 1 or self.detector_ranges or self.crosstalk_range or self.noise_level_maps
+        if drawn and self.low_dose_from != "truth":
+            raise ValueError(
+                'realisations, detector_ranges, crosstalk_range and noise_level_maps need low_dose_from = "truth"'
+            )
+        if self.crosstalk_range is not None:
+            low, high = self.crosstalk_range
+            if not 0 <= low <= high <= 1:
+                raise ValueError("crosstalk_range must be [low, high] with 0 ≤ low ≤ high ≤ 1")
+            if self.noise_correlation is not None:
+                raise ValueError("give noise_correlation or crosstalk_range, not both")
         if self.source == "phantom":
             if self.validation_images >= self.phantoms:
                 raise ValueError(
@@ -94,11 +138,15 @@ class TrainingSettings(_Strict):
     learning_rate: float = Field(default=1e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
     lr_halving_epochs: int = Field(default=10, ge=1)  # the learning rate halves every this many epochs
-    loss: str | dict[str, float] = "mae"  # a make_loss spec: "mse", "pl4", {"mse" = 1, "ssim" = 10}, …
+    loss: str | dict[str, float] = "mae"  # a make_loss spec: "mse", "pl4", {"mse" = 1, "ssim" = 10}, "protocol", …
+    rn_weight: float = Field(default=1.0, gt=0)  # the "protocol" loss's weight on |RN − RN_FD|
     vgg_weights: Path | None = None  # torchvision's vgg16 state dict, for the perceptual losses
     identity_start: bool = False  # zero the output convolution: a residual network starts as the identity
     init_from: Path | None = None  # a checkpoint (.pt) or an exported model (.safetensors) to start from
     init_prefix: str = ""  # load init_from into this submodule (e.g. "first." of a cascade)
+    # parameter-name prefixes init_from may lack; they keep their initialisation (e.g. the zeroed
+    # "condition." branch of a conditioned DnCNN started from an unconditioned one)
+    init_missing: list[str] = []
     freeze: list[str] = []  # parameter-name prefixes kept fixed (e.g. a cascade's trained first stage)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, ge=1)  # CPU threads for torch; None: torch's default
@@ -112,6 +160,20 @@ class Experiment(_Strict):
     data: DataSettings
     training: TrainingSettings = TrainingSettings()
 
+    @model_validator(mode="after")
+    def _fits_together(self) -> Experiment:
+        realisations = self.data.realisations
+        if self.training.batch_size % realisations:
+            raise ValueError(f"training.batch_size must be a multiple of data.realisations ({realisations})")
+        if "protocol" in _loss_names(self.training.loss) and realisations < 2:
+            raise ValueError('loss "protocol" measures noise over realisations: data.realisations must be 2 or more')
+        conditions = self.network.options.get("conditions", 0)
+        if conditions != (NOISE_LEVEL_MAPS if self.data.noise_level_maps else 0):
+            raise ValueError(
+                f"network.options.conditions must be {NOISE_LEVEL_MAPS} with data.noise_level_maps, else 0 (got {conditions})"
+            )
+        return self
+
     def resolved(self, base: Path) -> Experiment:
         """The same experiment with its relative paths made relative to `base`."""
 
@@ -123,6 +185,10 @@ class Experiment(_Strict):
             update={"vgg_weights": fix(self.training.vgg_weights), "init_from": fix(self.training.init_from)}
         )
         return self.model_copy(update={"data": data, "training": training})
+
+
+def _loss_names(spec: str | dict[str, float]) -> set[str]:
+    return {spec} if isinstance(spec, str) else set(spec)
 
 
 def parse_experiment(data: dict, where: str = "experiment") -> Experiment:

@@ -20,7 +20,7 @@ from dicom_node.errors import ConfigurationError
 from dicom_node.files import write_atomically
 from dicom_node.restore.deep.card import MODEL_FILE_MODE, ModelCard
 from trainer.data import kernel_summary
-from trainer.experiment import Experiment
+from trainer.experiment import DataSettings, Experiment
 from trainer.train import build_experiment_network, load_checkpoint
 
 
@@ -76,13 +76,17 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
         normalisation=data.normalisation.build().to_dict(),
         noise_model=checkpoint["noise_model"],
         noise_simulation={
-            "method": "VST-domain dose reduction (dicom_node.sim.dose.simulate_dose_reduction)",
+            "method": _simulation_method(data),
             "kernel": kernel["kernel"],  # "detector kernel", "white" or "crosstalk S"; the same for the full dose
             "noise_correlation": data.noise_correlation,
             "kernel_size": kernel["kernel_size"],
             "neighbour_correlation": kernel["neighbour_correlation"],
             "resimulated_every_epoch": data.resimulate,
             "dose_fractions": [data.dose_fraction, *data.extra_dose_fractions],
+            "realisations": data.realisations,
+            "detector_ranges": data.detector_ranges.model_dump() if data.detector_ranges else None,
+            "crosstalk_range": list(data.crosstalk_range) if data.crosstalk_range else None,
+            "noise_level_maps": data.noise_level_maps,
         },
         training_data=training_data,
         training={
@@ -91,6 +95,7 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
             "learning_rate": training.learning_rate,
             "betas": list(training.betas),
             "lr_halving_epochs": training.lr_halving_epochs,
+            "rn_weight": training.rn_weight,
             "init_from": str(training.init_from) if training.init_from else None,
             "seed": experiment.seed,
             "device": checkpoint["device"],
@@ -112,3 +117,9 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     return card.write(out_dir / f"{name}.json")
+
+
+def _simulation_method(data: DataSettings) -> str:
+    if data.low_dose_from == "truth":
+        return "acquired from the phantoms' truth (dicom_node.sim.acquisition.acquire), each patch its own dose and detector"
+    return "VST-domain dose reduction (dicom_node.sim.dose.simulate_dose_reduction)"

@@ -11,6 +11,10 @@ target)`. Names:
   (the grey image repeated to three channels, no ImageNet normalisation, as in seed 000's code);
   "pl4-nopool": relu4_3 with the three max-pools before it removed (full resolution).
 - "mse+10ssim": MSE + 10·(1 − SSIM) (seed 001).
+- "protocol": the evaluation protocol's own figures as the loss (Vimieiro et al.'s "CNN on VST"):
+  the network's GAT-domain output goes through the unbiased inverse and science.md's plain blend,
+  and over the R consecutive realisations of each patch B² + w·|RN − RN_FD| (`ProtocolLoss`).
+  Its targets are packed (`trainer.data.PACKED_TARGETS`); every other term reads channel 0.
 
 The perceptual losses read the VGG16 weights from a local file (`trainer.vgg`).
 """
@@ -26,13 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dicom_node.errors import ConfigurationError
+from dicom_node.restore.gat import SMALLEST_D, unbiased_counts
 from trainer.vgg import VGG16Features, load_vgg16_features
 
 # Index in VGG16's `features` of the ReLU each perceptual loss compares: relu1_2 … relu4_3.
 PERCEPTUAL_LAYERS = {"pl1": 3, "pl2": 8, "pl3": 15, "pl4": 22, "pl4-nopool": 22}
 MAX_POOLS_BEFORE_RELU4_3 = (4, 9, 16)
 COMPOSITES = {"mse+10ssim": {"mse": 1.0, "ssim": 10.0}}
-LOSS_NAMES = ("mse", "mae", "ssim", *PERCEPTUAL_LAYERS, "charbonnier", *COMPOSITES)
+LOSS_NAMES = ("mse", "mae", "ssim", *PERCEPTUAL_LAYERS, "charbonnier", "protocol", *COMPOSITES)
 
 
 def ssim(
@@ -103,6 +108,42 @@ class PerceptualLoss(nn.Module):
         return F.mse_loss(self.features(prediction), self.features(target))
 
 
+class ProtocolLoss(nn.Module):
+    """(B² + w·|RN − RN_FD|)/RN_FD of the restored patches, mean over patches (science.md's protocol,
+    exact against the truth): the restoration is the plain blend of the low-dose input with the
+    unbiased inverse of the network's output, so the network learns the estimate that blend needs
+    to land at full-dose noise with the least bias.
+
+    Per patch, over its R realisations X_p and truth s (full dose, offset-free):
+    RN = mean_I(var_p(X)/s), B² = mean_I((mean_p X − s)²/s) − RN/R, RN_FD = mean_I((λs + σ_e²)/s).
+    Relative to RN_FD, as the goals are (RN/FD, MNSE/FD): every dose and detector weighs alike,
+    where the absolute figures would let the noisiest (quarter dose, high λ) patches dominate.
+    """
+
+    def __init__(self, realisations: int, rn_weight: float, scale: float) -> None:
+        super().__init__()
+        if realisations < 2:
+            raise ConfigurationError("the protocol loss needs 2 or more realisations per patch")
+        self.realisations, self.rn_weight, self.scale = realisations, rn_weight, scale
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _, truth, low_dose, gain, electronic_variance, dose = target.float().unbind(dim=1)
+        d = torch.clamp(prediction[:, 0].float() * self.scale, min=SMALLEST_D)
+        estimate = gain * torch.clamp(unbiased_counts(d, electronic_variance / gain**2), min=0.0)
+        signal = estimate / dose  # the plain blend (blend.blend_weights with a noise-free estimate)
+        w_low = torch.sqrt((gain * signal + electronic_variance) / (gain * dose * signal + electronic_variance))
+        restored = w_low * low_dose + (1 / dose - w_low) * estimate
+        groups = (-1, self.realisations, *restored.shape[-2:])
+        restored = restored.reshape(groups)
+        first = (slice(None), 0)
+        truth = torch.clamp(truth.reshape(groups)[first], min=1.0)
+        full_dose_variance = gain.reshape(groups)[first] * truth + electronic_variance.reshape(groups)[first]
+        noise = (restored.var(dim=1) / truth).mean(dim=(1, 2))
+        bias2 = ((restored.mean(dim=1) - truth) ** 2 / truth).mean(dim=(1, 2)) - noise / self.realisations
+        full_dose_noise = (full_dose_variance / truth).mean(dim=(1, 2))
+        return ((bias2 + self.rn_weight * torch.abs(noise - full_dose_noise)) / full_dose_noise).mean()
+
+
 class WeightedLoss(nn.Module):
     """Σ weight · term(prediction, target); `weights` keeps the flattened spec for the model card."""
 
@@ -112,7 +153,11 @@ class WeightedLoss(nn.Module):
         self.weights = weights
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(weight * self.terms[name](prediction, target) for name, weight in self.weights.items())
+        image = target[:, :1]  # packed targets (the protocol loss's) carry the image target first
+        return sum(
+            weight * self.terms[name](prediction, target if name == "protocol" else image)
+            for name, weight in self.weights.items()
+        )
 
 
 def loss_weights(spec: str | Mapping[str, float]) -> dict[str, float]:
@@ -143,8 +188,12 @@ def make_loss(
     *,
     vgg_weights: Path | str | None = None,
     device: torch.device | str | None = None,
+    realisations: int = 1,
+    rn_weight: float = 1.0,
+    scale: float = 1.0,
 ) -> WeightedLoss:
-    """The loss module for `spec` (a name or {name: weight}); perceptual terms need `vgg_weights`."""
+    """The loss module for `spec` (a name or {name: weight}); perceptual terms need `vgg_weights`,
+    the protocol term the realisations per patch, its RN weight and the normalisation's scale."""
     weights = loss_weights(spec)
     simple: dict[str, type[nn.Module]] = {
         "mse": nn.MSELoss,
@@ -159,6 +208,8 @@ def make_loss(
             if vgg is None:
                 vgg = load_vgg16_features(vgg_weights)
             terms[name] = PerceptualLoss(vgg, name)
+        elif name == "protocol":
+            terms[name] = ProtocolLoss(realisations, rn_weight, scale)
         else:
             terms[name] = simple[name]()
     loss = WeightedLoss(terms, weights)

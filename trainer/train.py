@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def load_initial_weights(net: torch.nn.Module, path: Path, prefix: str = "") -> None:
+def load_initial_weights(net: torch.nn.Module, path: Path, prefix: str = "", may_lack: Sequence[str] = ()) -> None:
     """Start from another model's weights, e.g. a perceptual-loss network from an MAE network,
-    or (with `prefix`) a cascade's first stage from a trained single network."""
+    (with `prefix`) a cascade's first stage from a trained single network, or (with `may_lack`)
+    a conditioned network from an unconditioned one, its conditioning branch left as initialised."""
     state = {prefix + key: value for key, value in read_state_dict(path).items()}
-    result = net.load_state_dict(state, strict=True)
-    missing = [k for k in result.missing_keys if k.startswith(prefix)]
+    result = net.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k.startswith(prefix) and not frozen(k, list(may_lack))]
     if result.unexpected_keys or missing:
         wrong = (result.unexpected_keys or missing)[0]
         raise ConfigurationError(f"training.init_from: {path} does not fit the network (first mismatch: {wrong})")
@@ -109,22 +111,24 @@ def set_train_mode(net: torch.nn.Module, settings: TrainingSettings) -> None:
 
 
 def validate(
-    net: torch.nn.Module, pairs: tuple[np.ndarray, np.ndarray], loss_fn, device: torch.device
+    net: torch.nn.Module, pairs: tuple[np.ndarray, np.ndarray], loss_fn, device: torch.device, realisations: int = 1
 ) -> dict[str, float]:
-    """Loss, PSNR (dB, peak = the largest validation target) and SSIM over the validation patches."""
+    """Loss, PSNR (dB, peak = the largest validation target) and SSIM over the validation patches
+    (the image target: channel 0 of packed targets)."""
     inputs, targets = pairs
-    peak = float(targets.max())
+    peak = float(targets[:, :1].max())
+    step = EVAL_BATCH - EVAL_BATCH % realisations  # whole groups of realisations per batch
     totals = {"loss": 0.0, "se": 0.0, "ssim": 0.0}
     net.eval()
     with torch.no_grad(), autocast(device):
-        for start in range(0, len(inputs), EVAL_BATCH):
-            x = torch.from_numpy(inputs[start : start + EVAL_BATCH]).to(device)
-            y = torch.from_numpy(targets[start : start + EVAL_BATCH]).to(device)
+        for start in range(0, len(inputs), step):
+            x = torch.from_numpy(inputs[start : start + step]).to(device)
+            y = torch.from_numpy(targets[start : start + step]).to(device)
             out = net(x).float()
             count = len(x)
             totals["loss"] += float(loss_fn(out, y)) * count
-            totals["se"] += float(torch.mean((out - y) ** 2)) * count
-            totals["ssim"] += float(ssim(out, y)) * count
+            totals["se"] += float(torch.mean((out - y[:, :1]) ** 2)) * count
+            totals["ssim"] += float(ssim(out, y[:, :1])) * count
     n = len(inputs)
     return {"loss": totals["loss"] / n, "psnr": psnr(totals["se"] / n, peak), "ssim": totals["ssim"] / n}
 
@@ -166,7 +170,14 @@ def train(
         raise ConfigurationError(f"training.device: {exc}") from None
 
     try:
-        loss_fn = make_loss(settings.loss, vgg_weights=settings.vgg_weights, device=device)
+        loss_fn = make_loss(
+            settings.loss,
+            vgg_weights=settings.vgg_weights,
+            device=device,
+            realisations=experiment.data.realisations,
+            rn_weight=settings.rn_weight,
+            scale=experiment.data.normalisation.scale,
+        )
     except ConfigurationError as exc:  # an unknown loss, or no VGG16 weights for a perceptual one: name the key
         raise ConfigurationError(f"training.loss: {exc}") from None
     data = data or PatchData(experiment.data, experiment.seed)
@@ -174,7 +185,7 @@ def train(
     if previous is None and settings.identity_start:
         zero_final_convolution(net)
     if previous is None and settings.init_from:
-        load_initial_weights(net, settings.init_from, settings.init_prefix)
+        load_initial_weights(net, settings.init_from, settings.init_prefix, settings.init_missing)
     for name, parameter in net.named_parameters():
         parameter.requires_grad_(not frozen(name, settings.freeze))
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -193,7 +204,7 @@ def train(
         history, first_epoch = previous["history"], previous["epoch"] + 1
     else:
         started = time.perf_counter()
-        metrics = validate(net, data.validation_pairs, loss_fn, device)
+        metrics = validate(net, data.validation_pairs, loss_fn, device, experiment.data.realisations)
         history = [_row(0, settings.learning_rate, math.nan, metrics, time.perf_counter() - started)]
         first_epoch = 1
 
@@ -212,7 +223,7 @@ def train(
     for epoch in range(first_epoch, settings.epochs + 1):
         started = time.perf_counter()
         inputs, targets = data.training_pairs(epoch)
-        order = np.random.default_rng([experiment.seed, 6, epoch]).permutation(len(inputs))
+        order = _shuffled(len(inputs), experiment.data.realisations, np.random.default_rng([experiment.seed, 6, epoch]))
         learning_rate = optimiser.param_groups[0]["lr"]
         set_train_mode(net, settings)
         loss_sum = 0.0
@@ -232,7 +243,7 @@ def train(
             loss_sum += loss.item() * len(chosen)
             bar.set_postfix(loss=f"{loss.item():.4g}")
         schedule.step()
-        metrics = validate(net, data.validation_pairs, loss_fn, device)
+        metrics = validate(net, data.validation_pairs, loss_fn, device, experiment.data.realisations)
         row = _row(epoch, learning_rate, loss_sum / len(order), metrics, time.perf_counter() - started)
         history.append(row)
         if progress:
@@ -255,6 +266,12 @@ def train(
         )
         write_curves(out_dir, history)
     return TrainResult(checkpoint_path, history)
+
+
+def _shuffled(count: int, realisations: int, rng: np.random.Generator) -> np.ndarray:
+    """A random order of `count` samples that keeps each patch's realisations consecutive."""
+    groups = rng.permutation(count // realisations)
+    return (groups[:, None] * realisations + np.arange(realisations)).ravel()
 
 
 def describe_hardware(device: torch.device) -> str:

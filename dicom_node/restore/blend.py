@@ -7,6 +7,8 @@ that of a real full-dose image:
 
 - `blend` / `blend_weights`: one weight per pixel. Exact for a noise-free D (science.md); given the
   estimate's own noise statistics per pixel (`estimate_noise_statistics`), exact for a noisy one.
+- `noise_level_maps`: what a conditioned denoiser is told about the blend to come (the noise level
+  it must land at, per pixel, and the noise's correlation).
 - `spectral_blend`: one weight per spatial frequency (statistics in smoothed frequency bands), the
   least-bias way to reach the full-dose variance: a denoiser's leftover noise sits at low
   frequencies and the texture it removes at high ones, so the two are traded where each is cheap.
@@ -18,13 +20,18 @@ Names: f = GAT(z) and D are GAT-domain (input noise variance 1 there); n is the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from scipy import ndimage
 
+from dicom_node.restore.calibration import kernel_neighbour_correlations
 from dicom_node.restore.denoisers import Denoiser
+from dicom_node.restore.gat import gat_inverse
 from dicom_node.restore.noise import NoiseModel
 
+Blend = Literal["plain", "noise-aware", "spectral"]  # the blends a profile can choose
+BLEND_MODES = get_args(Blend)
 _LOCAL_WINDOW = 8.0  # px, Gaussian σ of the local averages behind the per-pixel noise statistics
 _PROBE_STEP = 0.3  # probe size in units of the GAT-domain noise std: large enough to average over
 #   BM3D's discontinuities (0.05 gave spiky differences), small enough to stay at this noise level
@@ -67,6 +74,24 @@ def blend_weights(
     discriminant = np.maximum(half_b**2 - a * (q**2 * s2 - target), 0.0)
     w_low = np.maximum((np.sqrt(discriminant) - half_b) / a, 0.0)
     return w_low, q - w_low
+
+
+NOISE_LEVEL_MAPS = 2  # channels of `noise_level_maps`
+
+
+def noise_level_maps(gat_image: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:
+    """[2, H, W] float32 noise-level maps of a low-dose image (GAT domain), for a conditioned
+    denoiser (FFDNet's idea: one network for several doses and detectors).
+
+    0: r·ω₁ of the plain blend, the full-dose noise std in units of the input's (√r where quantum
+       noise dominates, towards r where electronic noise does): the level a restoration must land at;
+    1: the noise's lag-1 neighbour correlation (mean of vertical and horizontal; 0: white), constant.
+    Both come from the noise model and the image itself, so training and inference compute them alike.
+    """
+    low_dose = gat_inverse(gat_image, noise)
+    w_low, _ = blend_weights(low_dose, noise, dose_fraction)
+    correlation = float(np.mean(kernel_neighbour_correlations(noise.kernel)))
+    return np.stack([dose_fraction * w_low, np.full(w_low.shape, correlation)]).astype(np.float32)
 
 
 def blend(

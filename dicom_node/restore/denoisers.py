@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from dicom_node.errors import ConfigurationError, InputRefused
+from dicom_node.restore.noise import NoiseModel
 
 
 class Denoiser(Protocol):
@@ -43,6 +44,11 @@ class Denoiser(Protocol):
         `kernel` is κ, the noise's correlation kernel with unit energy (‖κ‖₂ = 1, so σ is the
         noise's std); None means white noise.
         """
+        ...
+
+    def for_image(self, gat_image: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Denoiser:
+        """The denoiser to use on `gat_image` (and on probes around it): a conditioned network binds
+        the image's noise-level maps (`blend.noise_level_maps`); BM3D needs nothing and returns itself."""
         ...
 
 
@@ -87,6 +93,9 @@ class Bm3dDenoiser:
 
     def __init__(self, wiener: bool = True) -> None:
         self.wiener = wiener
+
+    def for_image(self, gat_image: np.ndarray, noise: NoiseModel, dose_fraction: float) -> Bm3dDenoiser:
+        return self
 
     def __call__(self, image: np.ndarray, sigma: float, kernel: np.ndarray | None = None) -> np.ndarray:
         import bm3d  # imported lazily: loading the binary is slow and not always needed

@@ -14,8 +14,8 @@ from dicom_node.restore.noise import NoiseModel
 
 # The closed-form inverse has its minimum here (I ≈ −0.24 < 0); clamping D to it keeps the
 # inverse monotone instead of letting the D⁻³ term blow up for tiny D.
-_SMALLEST_D = 0.838
-_SQRT_3_2 = np.sqrt(1.5)
+SMALLEST_D = 0.838
+_SQRT_3_2 = float(np.sqrt(1.5))
 
 
 def gat_forward(z: np.ndarray, noise: NoiseModel) -> np.ndarray:
@@ -29,10 +29,16 @@ def gat_forward(z: np.ndarray, noise: NoiseModel) -> np.ndarray:
 def gat_inverse(d: np.ndarray, noise: NoiseModel) -> np.ndarray:
     """Unbiased inverse of `gat_forward` for a denoised D, returned as raw values λ·I + τ."""
     gain = np.asarray(noise.gain, dtype=np.float64)
-    d = np.maximum(np.asarray(d, dtype=np.float64), _SMALLEST_D)
+    d = np.maximum(np.asarray(d, dtype=np.float64), SMALLEST_D)
     electronic_in_counts = (noise.electronic_noise / gain) ** 2  # σ̃² = (σ_e/λ)²
-    counts = d**2 / 4 + 0.25 * _SQRT_3_2 / d - 1.375 / d**2 + 0.625 * _SQRT_3_2 / d**3 - 0.125 - electronic_in_counts
-    return gain * np.maximum(counts, 0.0) + noise.offset
+    return gain * np.maximum(unbiased_counts(d, electronic_in_counts), 0.0) + noise.offset
+
+
+def unbiased_counts(d, electronic_in_counts):
+    """The closed-form exact unbiased inverse in counts, before clamping at 0: arithmetic only, so
+    NumPy arrays and torch tensors alike (the trainer's protocol loss differentiates through it).
+    `d` ≥ SMALLEST_D."""
+    return d**2 / 4 + 0.25 * _SQRT_3_2 / d - 1.375 / d**2 + 0.625 * _SQRT_3_2 / d**3 - 0.125 - electronic_in_counts
 
 
 def gat_expectation(signal: np.ndarray, noise: NoiseModel, iterations: int = 60) -> np.ndarray:
@@ -43,7 +49,7 @@ def gat_expectation(signal: np.ndarray, noise: NoiseModel, iterations: int = 60)
     so that its output goes back through `gat_inverse` without bias.
     """
     target = np.maximum(np.asarray(signal, dtype=np.float64), 0.0) + noise.offset
-    low = np.full(target.shape, _SMALLEST_D)
+    low = np.full(target.shape, SMALLEST_D)
     high = gat_forward(target, noise) + 2.0  # f(E z) ≥ E f(z) − a small Jensen gap, well under 2
     for _ in range(iterations):
         middle = (low + high) / 2

@@ -7,14 +7,16 @@ like; the blend puts back exactly the noise of a real target-dose image, element
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from dicom_node.errors import ConfigurationError, InputRefused
 from dicom_node.restore.blend import (
+    BLEND_MODES,
     SPECTRAL_PROBES,
+    Blend,
     blend_weights,
     combine,
     estimate_noise_statistics,
@@ -36,8 +38,6 @@ from dicom_node.restore.registry import (
     register_restorer,
 )
 
-Blend = Literal["plain", "noise-aware", "spectral"]
-BLEND_MODES = get_args(Blend)
 _MIN_MARGIN = 32  # px of context around the breast: BM3D's blocks and search window fit inside
 
 
@@ -158,12 +158,13 @@ class GatBm3dRestorer:
         if box.size and dose_fraction < 1:
             gat_image = gat_forward(box, box_noise)
             lap("gat")
-            gat_estimate = self.denoiser(gat_image, 1.0, box_noise.kernel)  # None: white noise
+            denoiser = self.denoiser.for_image(gat_image, box_noise, dose_fraction)
+            gat_estimate = denoiser(gat_image, 1.0, box_noise.kernel)  # None: white noise
             lap("denoise")
             estimate = gat_inverse(gat_estimate, box_noise)
             lap("inverse")
             if self.blend_mode == "spectral":
-                probes = probe_responses(self.denoiser, gat_image, SPECTRAL_PROBES, kernel=box_noise.kernel)
+                probes = probe_responses(denoiser, gat_image, SPECTRAL_PROBES, kernel=box_noise.kernel)
                 lap("noise_statistics")
                 blended = spectral_blend(box, estimate, box_noise, dose_fraction, probes, box_mask)
                 image[breast.rows, breast.cols] = blended.image
@@ -172,7 +173,7 @@ class GatBm3dRestorer:
             else:
                 pixel_statistics: tuple[np.ndarray | float, np.ndarray | float] = (0.0, 0.0)
                 if self.blend_mode == "noise-aware":
-                    pixel_statistics = estimate_noise_statistics(self.denoiser, gat_image, kernel=box_noise.kernel)
+                    pixel_statistics = estimate_noise_statistics(denoiser, gat_image, kernel=box_noise.kernel)
                     estimate_variance = float(np.mean(np.asarray(pixel_statistics[0])[box_mask]))
                     lap("noise_statistics")
                 w_low, w_estimate = blend_weights(estimate, box_noise, dose_fraction, *pixel_statistics)

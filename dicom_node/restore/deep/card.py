@@ -27,8 +27,9 @@ class ModelCard:
     """A model card, field for field as <name>.json holds it (in this order)."""
 
     name: str = ""
-    # "restore": low dose → full dose (the deep restorer); "denoise": GAT-domain denoiser (σ = 1) for
-    # the model-based path's denoiser = "network". Cards written before the field are "restore".
+    # "restore": low dose → full dose; "denoise": a GAT-domain denoiser (σ = 1), run inside the GAT,
+    # the unbiased inverse and a blend (gat-bm3d's denoiser = "network", or the deep restorer's "CNN on
+    # VST"). Cards written before the field are "restore".
     task: str = "restore"
     network: str  # a name of dicom_node.restore.networks.network_names()
     network_options: dict[str, Any]  # the network's constructor options
@@ -61,6 +62,13 @@ class ModelCard:
     def write(self, path: Path) -> Path:
         """Write the card to `path` atomically, readable by all (mode 0644)."""
         return write_atomically(Path(path), self.to_json().encode(), mode=MODEL_FILE_MODE)
+
+    @property
+    def dose_fractions(self) -> list[float]:
+        """The dose fractions the model serves: every one it was trained at (a denoiser may have
+        several), else its one `dose_fraction`."""
+        doses = (self.noise_simulation or {}).get("dose_fractions")
+        return [float(d) for d in doses] if isinstance(doses, list) and doses else [self.dose_fraction]
 
     @property
     def normaliser(self) -> Normalisation:

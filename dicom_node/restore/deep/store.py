@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Collection
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -83,14 +84,18 @@ def _build_network(name: str, options: dict[str, Any]) -> torch.nn.Module:
         raise ConfigurationError(str(error)) from None
 
 
-def resolve_model(model_dir: Path, name: str | None, dose_fraction: float | None, task: str = "restore") -> str:
-    """`name` when given, else the directory's model for `task` and `dose_fraction` (any dose when
-    None), the newest if several. A named model made for another task is refused."""
+def resolve_model(
+    model_dir: Path, name: str | None, dose_fraction: float | None, tasks: Collection[str] = ("restore",)
+) -> str:
+    """`name` when given, else the directory's model of one of `tasks` serving `dose_fraction` (any
+    dose when None; `ModelCard.dose_fractions`), the newest if several. A named model made for
+    another task is refused."""
     model_dir = Path(model_dir)
+    wanted = " or ".join(repr(task) for task in tasks)
     if name:
         card = read_card(model_dir, name)
-        if card.task != task:
-            raise ConfigurationError(f"model {name!r} is a {card.task!r} model, not a {task!r} one")
+        if card.task not in tasks:
+            raise ConfigurationError(f"model {name!r} is a {card.task!r} model, not a {wanted} one")
         return name
     if not model_dir.is_dir():
         raise ConfigurationError(f"model directory {model_dir} does not exist (set {MODEL_DIR_VARIABLE} or give one)")
@@ -99,20 +104,23 @@ def resolve_model(model_dir: Path, name: str | None, dose_fraction: float | None
         for path in sorted(model_dir.glob("*.json"))
         if path.with_suffix(".safetensors").is_file()
     }
-    cards = {n: card for n, card in cards.items() if card.task == task}
-    fitting = [
-        n
-        for n, card in cards.items()
-        if dose_fraction is None or abs(card.dose_fraction - dose_fraction) <= DOSE_TOLERANCE
-    ]
+    cards = {n: card for n, card in cards.items() if card.task in tasks}
+    fitting = [n for n, card in cards.items() if dose_fraction is None or serves(card, dose_fraction)]
     if not fitting:
         if dose_fraction is None:
-            raise ConfigurationError(f"no {task!r} model in {model_dir}")
-        available = ", ".join(f"{card.dose_fraction:g} ({n})" for n, card in cards.items()) or "none"
+            raise ConfigurationError(f"no {wanted} model in {model_dir}")
+        available = (
+            ", ".join(f"{'/'.join(f'{d:g}' for d in card.dose_fractions)} ({n})" for n, card in cards.items()) or "none"
+        )
         raise ConfigurationError(
             f"no default model for dose fraction {dose_fraction:g} in {model_dir}; available: {available}"
         )
     return max(fitting, key=lambda n: (_created(cards[n]), n))
+
+
+def serves(card: ModelCard, dose_fraction: float) -> bool:
+    """Whether the model was trained for `dose_fraction` (one of its `dose_fractions`)."""
+    return any(abs(dose - dose_fraction) <= DOSE_TOLERANCE for dose in card.dose_fractions)
 
 
 def _created(card: ModelCard) -> float:

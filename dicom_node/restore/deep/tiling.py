@@ -26,6 +26,9 @@ def tiled_inference(
 ) -> np.ndarray:
     """Apply a fully convolutional `net` to a 2-D image tile by tile; equals one whole-image pass.
 
+    `image` is [H, W], or [C, H, W] for a network with several input channels (an image and its
+    noise-level maps); the output is the network's first channel, [H, W].
+
     Each tile is a tile×tile window of the image itself (fewer pixels where the image is
     smaller) of which only the part at least `margin` px from a cut edge is kept: a cut edge
     (the network's zero padding inside the image) reaches no further than the receptive-field
@@ -44,17 +47,19 @@ def tiled_inference(
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 2:
-        raise ValueError(f"tiled_inference needs a 2-D image, got shape {image.shape}")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"tiled_inference needs a [H, W] or [C, H, W] image, got shape {image.shape}")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     tiles = [
-        (rows, cols) for rows in _spans(image.shape[0], tile, margin) for cols in _spans(image.shape[1], tile, margin)
+        (rows, cols) for rows in _spans(image.shape[1], tile, margin) for cols in _spans(image.shape[2], tile, margin)
     ]
-    output = np.full_like(image, np.nan)  # a pixel no tile covered would show
+    output = np.full_like(image[0], np.nan)  # a pixel no tile covered would show
     with torch.inference_mode(), autocast(device):
         for first in range(0, len(tiles), batch):
             group = tiles[first : first + batch]
-            windows = np.stack([image[rows.window, cols.window] for rows, cols in group])[:, None]
+            windows = np.stack([image[:, rows.window, cols.window] for rows, cols in group])
             result = net(torch.from_numpy(windows).to(device)).float().cpu().numpy()[:, 0]
             for (rows, cols), out in zip(group, result, strict=True):
                 output[rows.core, cols.core] = out[rows.kept, cols.kept]
