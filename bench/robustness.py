@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.restore.calibration import calibrate_flat_fields
+from dicom_node.restore.deep.card import TASKS
 from dicom_node.restore.deep.store import default_model_dir, read_card, resolve_model
 from dicom_node.restore.gat_bm3d import BLEND_MODES, GatBm3dOptions
 from dicom_node.restore.mask import breast_mask
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="a tiny grid for CI smoke tests, overriding the grid: one 192x160 phantom at 0.07 mm, hologic, "
-        "crosstalk 0 and 0.5, dose 0.5, no λ error, the default and the plain blend, the shipped denoising network, "
+        "crosstalk 0 and 0.5, dose 0.5, no λ error, the default and the plain blend with BM3D, "
         "the deep restorer's default model for half dose, P = 2, N = 3",
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (one unit of work each)")
@@ -427,16 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_deep_model(dose: float) -> str:
-    """DIR/NAME of the deep restorer's default model for `dose` (the shipped one unless
-    $DICOM_NODE_MODEL_DIR says otherwise)."""
+    """DIR/NAME of the deep restorer's default model for `dose`, restoring or denoising (the shipped
+    one unless $DICOM_NODE_MODEL_DIR says otherwise)."""
     model_dir = default_model_dir()
-    return str(model_dir / resolve_model(model_dir, None, dose))
-
-
-def default_denoiser() -> str:
-    """DIR/NAME of the newest GAT-domain denoising network in the model directory."""
-    model_dir = default_model_dir()
-    return str(model_dir / resolve_model(model_dir, None, None, tasks=("denoise",)))
+    return str(model_dir / resolve_model(model_dir, None, dose, TASKS))
 
 
 def units_of(args: argparse.Namespace) -> list[Unit]:
@@ -444,8 +439,7 @@ def units_of(args: argparse.Namespace) -> list[Unit]:
         # 70 µm, the clinical pitch the defaults are judged at; 192×160 is the smallest breast
         # of that pitch holding calcifications
         args.size, args.pixel_spacing, args.phantoms = (192, 160), 0.07, 1
-        args.detectors, args.models = parse_detectors("hologic"), [default_deep_model(0.5)]
-        args.denoisers = [default_denoiser()]
+        args.detectors, args.models, args.denoisers = parse_detectors("hologic"), [default_deep_model(0.5)], []
         args.crosstalk, args.doses, args.miscalibration = (0.0, 0.5), (0.5,), (0.0,)
         args.blends, args.realisations, args.references = (DEFAULT_BLEND, "plain"), 2, 3
     if args.realisations < 2 or args.references < 2:

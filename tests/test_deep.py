@@ -274,6 +274,25 @@ def test_default_model_is_the_newest_for_the_dose_fraction(tmp_path):
         resolve_model(tmp_path / "missing", None, 0.5)
 
 
+def test_a_denoiser_serves_every_dose_it_was_trained_at(tmp_path):
+    """The deep restorer looks among both tasks: a denoiser trained at 0.5 and 0.25 is the default
+    for both when newest; restoring models keep their one dose; gat-bm3d's network only denoisers."""
+    save_model(tmp_path, "half", tiny(), 0.5, created="2025-01-01T00:00:00+00:00")
+    both = {"dose_fractions": [0.5, 0.25]}
+    save_model(
+        tmp_path, "denoiser", tiny(), 0.5, task="denoise", noise_simulation=both, created="2025-06-01T00:00:00+00:00"
+    )
+    assert deep.read_card(tmp_path, "denoiser").dose_fractions == [0.5, 0.25]
+    assert deep.read_card(tmp_path, "half").dose_fractions == [0.5]
+    tasks = ("restore", "denoise")
+    assert resolve_model(tmp_path, None, 0.5, tasks) == resolve_model(tmp_path, None, 0.25, tasks) == "denoiser"
+    assert resolve_model(tmp_path, None, 0.5) == "half"
+    with pytest.raises(ConfigurationError, match=r"available: 0.5 \(half\)"):
+        resolve_model(tmp_path, None, 0.25)
+    with pytest.raises(ConfigurationError, match=r"dose fraction 0.1 .*available: 0.5/0.25 \(denoiser\), 0.5 \(half\)"):
+        resolve_model(tmp_path, None, 0.1, tasks)
+
+
 # --- the restorer ----------------------------------------------------------------------------
 
 

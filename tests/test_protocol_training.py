@@ -254,3 +254,26 @@ def test_the_validation_figures_use_the_image_target():
     inputs, targets = data.validation_pairs
     assert targets.shape[1] == len(PACKED_TARGETS) and inputs.shape[1] == 3
     assert float(np.abs(inputs[:, 0] - targets[:, 0]).mean()) < 0.2  # unit GAT noise / scale 10
+
+
+def test_a_card_names_its_starting_weights_portably(tmp_path):
+    """A conditioned MSE denoiser started from the shipped gat-dncnn: the card names the weights it
+    started from relative to the project, with their digest, and no RN weight (no protocol term)."""
+    from dicom_node.restore.deep.store import file_sha256
+
+    start = SHIPPED_MODEL_DIR / "gat-dncnn.safetensors"
+    text = TINY_VST.replace("features = 8, layers = 4", "features = 32, layers = 12")
+    text = text.replace("realisations = 3", "realisations = 1").replace('loss = "protocol"', 'loss = "mse"')
+    text = text.replace("epochs = 3", "epochs = 1").replace("rn_weight = 2.0", f'init_from = "{start}"')
+    (tmp_path / "maps.toml").write_text(text + 'init_missing = ["condition."]\n')
+    for argv in (
+        ["train", "--config", str(tmp_path / "maps.toml"), "--out", str(tmp_path / "run"), "--quiet"],
+        ["export", str(tmp_path / "run"), "--name", "maps", "--out", str(tmp_path / "models")],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+    card = json.loads((tmp_path / "models" / "maps.json").read_text())
+    assert card["training"]["init_from"] == "dicom_node/models/gat-dncnn.safetensors"
+    assert card["training"]["init_from_sha256"] == file_sha256(start)
+    assert card["training"]["rn_weight"] is None and card["noise_simulation"]["realisations"] == 1

@@ -165,7 +165,7 @@ class Experiment(_Strict):
         realisations = self.data.realisations
         if self.training.batch_size % realisations:
             raise ValueError(f"training.batch_size must be a multiple of data.realisations ({realisations})")
-        if "protocol" in _loss_names(self.training.loss) and realisations < 2:
+        if "protocol" in loss_names(self.training.loss) and realisations < 2:
             raise ValueError('loss "protocol" measures noise over realisations: data.realisations must be 2 or more')
         conditions = self.network.options.get("conditions", 0)
         if conditions != (NOISE_LEVEL_MAPS if self.data.noise_level_maps else 0):
@@ -187,7 +187,7 @@ class Experiment(_Strict):
         return self.model_copy(update={"data": data, "training": training})
 
 
-def _loss_names(spec: str | dict[str, float]) -> set[str]:
+def loss_names(spec: str | dict[str, float]) -> set[str]:
     return {spec} if isinstance(spec, str) else set(spec)
 
 

@@ -19,8 +19,9 @@ import dicom_node
 from dicom_node.errors import ConfigurationError
 from dicom_node.files import write_atomically
 from dicom_node.restore.deep.card import MODEL_FILE_MODE, ModelCard
+from dicom_node.restore.deep.store import file_sha256
 from trainer.data import kernel_summary
-from trainer.experiment import DataSettings, Experiment
+from trainer.experiment import DataSettings, Experiment, loss_names
 from trainer.train import build_experiment_network, load_checkpoint
 
 
@@ -95,8 +96,9 @@ def export_model(checkpoint_path: Path, name: str, out_dir: Path, *, command: st
             "learning_rate": training.learning_rate,
             "betas": list(training.betas),
             "lr_halving_epochs": training.lr_halving_epochs,
-            "rn_weight": training.rn_weight,
-            "init_from": str(training.init_from) if training.init_from else None,
+            "rn_weight": training.rn_weight if "protocol" in loss_names(training.loss) else None,
+            "init_from": _portable(training.init_from),
+            "init_from_sha256": file_sha256(training.init_from) if training.init_from else None,
             "seed": experiment.seed,
             "device": checkpoint["device"],
             "hardware": checkpoint.get("hardware", "not recorded (checkpoint predates the record)"),
@@ -123,3 +125,12 @@ def _simulation_method(data: DataSettings) -> str:
     if data.low_dose_from == "truth":
         return "acquired from the phantoms' truth (dicom_node.sim.acquisition.acquire), each patch its own dose and detector"
     return "VST-domain dose reduction (dicom_node.sim.dose.simulate_dose_reduction)"
+
+
+def _portable(path: Path | None) -> str | None:
+    """`path` relative to the project when inside it (a card must not name this machine's folders)."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    project = Path(dicom_node.__file__).resolve().parents[1]
+    return str(resolved.relative_to(project)) if resolved.is_relative_to(project) else str(path)
