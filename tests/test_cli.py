@@ -235,17 +235,29 @@ def test_console_script_and_module_entry_point(tmp_path, exe):
     assert "x.dcm" in result.stderr  # the refusal names the missing input, not some start-up failure
 
 
-def test_process_with_the_shipped_deep_model(capsys, tmp_path, half_dose_file, monkeypatch):
+@pytest.mark.parametrize("dose", ["0.5", "0.25"])
+def test_process_with_the_shipped_deep_model(capsys, tmp_path, half_dose_file, monkeypatch, dose):
+    """The deep pipeline's default model for half and for quarter dose, chosen by the dose fraction."""
     monkeypatch.delenv("DICOM_NODE_MODEL_DIR", raising=False)
+    source = half_dose_file
+    if dose == "0.25":
+        source = low_dose_mammogram(
+            tmp_path / "quarter.dcm",
+            seed=3,
+            shape=(160, 128),
+            dose_fraction=0.25,
+            noise_seed=1,
+            detector_serial="SIM-0001",
+        )
     out_path = tmp_path / "deep.dcm"
     code, out, err = run(
-        capsys, "process", str(half_dose_file), str(out_path), "--pipeline", "deep", "--dose-fraction", "0.5", "--json"
+        capsys, "process", str(source), str(out_path), "--pipeline", "deep", "--dose-fraction", dose, "--json"
     )
     assert code == 0, err
     report = json.loads(out)
     print(json.dumps(report["model"]), report["timings_s"])
-    assert report["model"]["name"] == "hresnet-phantom-50" and len(report["model"]["digest"]) == 64
+    assert report["model"]["name"] == "gat-dncnn-maps" and len(report["model"]["digest"]) == 64
     derived = dcmread(out_path)
-    assert "hresnet-phantom-50" in derived.DerivationDescription
+    assert "gat-dncnn-maps" in derived.DerivationDescription
     assert dciodvfy_errors(out_path) == []
     assert report["qc"]["mean_ratio"] == pytest.approx(1.0, abs=0.03)

@@ -249,9 +249,9 @@ def test_deep_profile_restores_with_the_shipped_model(tmp_path, pacs, node_facto
     assert storescu(node.port, make_input(tmp_path, seed=6)).returncode == 0
     [job] = node.wait_for_jobs(1)
     derived = dcmread(io.BytesIO(pacs.file(pacs.wait_for(job.derived_sop_instance_uid))))
-    assert "hresnet-phantom-50" in derived.DerivationDescription
+    assert "gat-dncnn-maps" in derived.DerivationDescription
     assert job.pipeline == "deep" and len(job.model_digest) == 64 and job.device in ("cpu", "cuda")
-    assert job.model_name == "hresnet-phantom-50"  # resolved by dose fraction: the profile named none
+    assert job.model_name == "gat-dncnn-maps"  # resolved by dose fraction: the profile named none
 
 
 def test_a_worker_started_alone_takes_the_jobs(tmp_path, pacs, node_factory):

@@ -33,10 +33,14 @@ def test_example_and_embedded_profiles_name_registered_restorers_with_valid_opti
         ("pipeline = 'magic'\n", "profiles.p: unknown restorer 'magic'; available: deep, gat-bm3d"),
         ("blendd = 'plain'\n", "profiles.p: blendd: unknown option for restorer gat-bm3d"),
         ("blend = 'sharp'\n", "profiles.p: blend: Input should be 'plain', 'noise-aware' or 'spectral'"),
-        ("pipeline = 'deep'\nblend = 'plain'\n", "profiles.p: blend: unknown option for restorer deep"),
+        ("pipeline = 'deep'\nmargin = 40\n", "profiles.p: margin: unknown option for restorer deep"),
+        (
+            "pipeline = 'deep'\nblend = 'sharp'\n",
+            "profiles.p: blend: Input should be '', 'plain', 'noise-aware' or 'spectral'",
+        ),
         ("pipeline = 'deep'\ntile = 0\n", "profiles.p: tile: Input should be greater than 0"),
     ],
-    ids=["unknown-pipeline", "unknown-option", "bad-blend", "option-of-another-restorer", "bad-tile"],
+    ids=["unknown-pipeline", "unknown-option", "bad-blend", "option-of-another-restorer", "bad-deep-blend", "bad-tile"],
 )
 def test_profile_problems_are_one_line_naming_the_profile_and_key(tmp_path, lines, expected):
     config = config_with_profile(tmp_path, lines)

@@ -77,11 +77,12 @@ def test_quick_grid_writes_the_table_and_csv(quick_run):
 
 
 def test_defaults_against_the_goals(quick_run):
-    """Half dose, white noise: the MB default, with BM3D or the shipped denoising network, reaches
-    full-dose noise and keeps the calcifications.
+    """Half dose, white noise: the MB default (BM3D, spectral blend) and the deep default (the shipped
+    conditioned denoiser, GAT → network → inverse → spectral blend) reach full-dose noise and keep
+    the calcifications.
     Printed, not asserted, because not reached on every row (docs/robustness.md says by how much):
-    the MB default's B² at most the plain blend's; full-dose noise and calcification contrast with
-    strong crosstalk; the deep default's full-dose noise."""
+    the defaults' B² at most the plain blend's; full-dose noise and calcification contrast with
+    strong crosstalk."""
     _, records = quick_run
     by = {(r["crosstalk"], r["method"]): r for r in records}
     for (crosstalk, method), r in by.items():

@@ -16,7 +16,6 @@ import numpy as np
 from pydantic import Field
 
 from dicom_node.errors import ConfigurationError
-from dicom_node.restore.blend import Blend
 from dicom_node.restore.common import BreastBox, linear_rescale, mean_ratio, validated_input
 from dicom_node.restore.deep.card import TASKS, ModelCard
 from dicom_node.restore.deep.store import cached_model, default_model_dir, resolve_model, serves
@@ -44,7 +43,8 @@ class DeepOptions(RestorerOptions):
     after a denoising model ("" = the one it was made for), tiling."""
 
     model: str = ""
-    blend: Literal[""] | Blend = ""
+    blend: Literal["", "plain", "noise-aware", "spectral"] = ""  # empty, or one of blend.Blend (one flat
+    #   literal: pydantic words a union of literals as two errors)
     tile: int = Field(512, gt=0)
     batch: int = Field(4, ge=1)
 
