@@ -124,7 +124,9 @@ class WorkerSettings(_Strict):
     lease_s: float = Field(default=300, gt=0)  # a claimed job returns to the queue if not renewed in time
     heartbeat_s: float = Field(default=30, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_attempts: int = Field(default=3, ge=1)  # an internal error is retried until a job has been tried this often
+    max_attempts: int = Field(default=3, ge=1)  # an internal error or a killed worker: tried this often, then failed
+    timeout_s: float = Field(default=900, gt=0)  # wall-clock limit of one image's restoration (the worker is killed)
+    stop_grace_s: float = Field(default=60, gt=0)  # on stop, time to finish the job in hand before handing it back
 
 
 class RetryPolicy(_Strict):
