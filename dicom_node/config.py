@@ -9,19 +9,37 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_node.errors import ConfigurationError
+from dicom_node.files import DEFAULT_FILE_MODE
 
 CONFIG_ENV = "DICOM_NODE_CONFIG"
 """Environment variable naming the configuration file when --config is not given."""
 
 AeTitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+
+
+def _octal_file_mode(value: object) -> int:
+    """A file mode written as an octal string ("0640"); a TOML integer is refused, since 640 would be read
+    as decimal. The node must read its own files, and images are never writable by everyone."""
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        raise ValueError('must be an octal string such as "0640"')
+    mode = int(value, 8)
+    if not mode & 0o400:
+        raise ValueError("the node must be able to read its own files (owner read, 0400)")
+    if mode & 0o002:
+        raise ValueError("files of patients' images must not be writable by everyone")
+    return mode
+
+
+FileMode = Annotated[int, BeforeValidator(_octal_file_mode)]
 
 
 class _Strict(BaseModel):
@@ -41,6 +59,7 @@ class NodeSettings(_Strict):
     duplicate_policy: Literal["ignore-identical", "reprocess-all"] = "ignore-identical"
     retention_days: float = Field(default=7, ge=0)  # files of finished jobs are kept this long
     model_dir: Path | None = None  # trained models for the "deep" pipeline (default: the shipped ones)
+    file_mode: FileMode = DEFAULT_FILE_MODE  # spooled and outbox files ("0640": the node's group may read them)
 
     @field_validator("ae_title")
     @classmethod
@@ -51,7 +70,20 @@ class NodeSettings(_Strict):
 
 
 class DatabaseSettings(_Strict):
-    url: str = ""  # empty: SQLite file in data_dir
+    url: str = ""  # empty: SQLite file in data_dir; a relative SQLite file is relative to the configuration file
+
+    @field_validator("url")
+    @classmethod
+    def _parses(cls, url: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        if url:
+            try:
+                make_url(url)
+            except ArgumentError:
+                raise ValueError("not a database URL (e.g. postgresql+psycopg://node@db/dicomnode)") from None
+        return url
 
 
 class Source(_Strict):
@@ -127,6 +159,8 @@ class WorkerSettings(_Strict):
     max_attempts: int = Field(default=3, ge=1)  # an internal error or a killed worker: tried this often, then failed
     timeout_s: float = Field(default=900, gt=0)  # wall-clock limit of one image's restoration (the worker is killed)
     stop_grace_s: float = Field(default=60, gt=0)  # on stop, time to finish the job in hand before handing it back
+    # images larger than this are refused before restoration (BM3D peaks at ~500 bytes per pixel)
+    max_megapixels: float = Field(default=40, gt=0)
 
 
 class RetryPolicy(_Strict):
@@ -182,7 +216,8 @@ class Config(_Strict):
 
     @property
     def base_dir(self) -> Path:
-        """Relative paths in the file are relative to the file's folder (cwd for defaults)."""
+        """Relative paths in the file are relative to the file's folder (the embedded defaults' to the
+        current folder, as the quickstart runs them from the checkout)."""
         return self.path.parent if self.path else Path.cwd()
 
     def resolve(self, path: Path) -> Path:
@@ -198,7 +233,30 @@ class Config(_Strict):
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{self.data_dir / 'joblog.sqlite'}"
+        """The job log's SQLAlchemy URL, a SQLite file's path made absolute like every other path."""
+        from sqlalchemy.engine import make_url
+
+        if not self.database.url:
+            return f"sqlite:///{self.data_dir / 'joblog.sqlite'}"
+        file = _sqlite_file(self.database.url)
+        if file is None or file.is_absolute():
+            return self.database.url
+        return make_url(self.database.url).set(database=str(self.resolve(file))).render_as_string(hide_password=False)
+
+    @property
+    def joblog_file(self) -> Path | None:
+        """The job log's SQLite file (None: another database)."""
+        return _sqlite_file(self.database_url)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for another database, or SQLite in memory."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return None if parsed.database.startswith("file:") else Path(parsed.database)
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -218,10 +276,13 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def parse_config(data: dict, path: Path | None = None) -> Config:
+    """`data` validated; `path` is the file it came from, whose folder relative paths start from."""
+    where = str(path) if path else "embedded defaults"
+    if "path" in data:  # the loader's own field, not a key of the file
+        raise ConfigurationError(f"{where}: path: unknown key")
     try:
         return Config.model_validate({**data, "path": path})
     except ValidationError as exc:
-        where = str(path) if path else "embedded defaults"
         raise ConfigurationError(f"{where}: {describe_validation_error(exc)}") from None
 
 

@@ -62,8 +62,10 @@ def noise_model_for(
 def _load_gain_map(path: Path, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
     try:
         gain = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"detectors.{name}.gain_map: cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigurationError(f"detectors.{name}.gain_map: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError:  # numpy's own words speak of pickles: not what IT needs to hear
+        raise ConfigurationError(f"detectors.{name}.gain_map: cannot read {path}: not a .npy array file") from None
     if shape is not None and gain.shape != tuple(shape):
         raise ConfigurationError(
             f"detectors.{name}.gain_map: map is {'×'.join(map(str, gain.shape))} "
@@ -76,8 +78,10 @@ def _load_noise_kernel(path: Path, name: str) -> np.ndarray:
     key = f"detectors.{name}.noise_kernel"
     try:
         kernel = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"{key}: cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigurationError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise ConfigurationError(f"{key}: cannot read {path}: not a .npy array file") from None
     if not isinstance(kernel, np.ndarray) or not np.issubdtype(kernel.dtype, np.number) or np.iscomplexobj(kernel):
         raise ConfigurationError(f"{key}: {path} does not hold an array of real numbers")
     kernel = kernel.astype(np.float64)

@@ -18,6 +18,10 @@ from typing import BinaryIO
 _TEMP_SUFFIX = ".part"
 _MAX_PREFIX_NAME = 200
 
+DEFAULT_FILE_MODE = 0o640
+"""Files the node hands to others (spool, outbox): its owner reads and writes, its group reads, so an
+import service in the node's group can take them; `[node] file_mode` changes it."""
+
 
 def fsync_directory(path: str | os.PathLike) -> None:
     """Make a rename, link or unlink inside `path` survive a power cut."""

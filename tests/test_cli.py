@@ -1,6 +1,7 @@
 """The `dicom-node process` contract and its error paths: one line, non-zero exit, no traceback."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_reprocessing_gives_the_same_uids(capsys, tmp_path, half_dose_file):
 
 
 def _plain_image(**options):
-    return raw_mammogram_dataset(np.full((64, 48), 500, np.uint16), seed=1, **options)
+    return raw_mammogram_dataset(np.full((80, 64), 500, np.uint16), seed=1, **options)  # restorable size
 
 
 def _unknown_detector(tmp_path: Path) -> Path:
@@ -204,6 +205,28 @@ def test_refused_arguments_are_one_line(capsys, tmp_path, half_dose_file, argume
     code, _, err = run(capsys, "process", *args)
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "o.dcm").exists()
+
+
+@pytest.mark.parametrize("how", ["same-path", "through-a-symlink", "through-dot-dot", "through-a-hard-link"])
+def test_process_never_writes_over_its_input(capsys, tmp_path, half_dose_file, how):
+    source = tmp_path / "in.dcm"
+    source.write_bytes(half_dose_file.read_bytes())
+    output = {
+        "same-path": source,
+        "through-a-symlink": tmp_path / "link.dcm",
+        "through-dot-dot": tmp_path / "sub" / ".." / "in.dcm",
+        "through-a-hard-link": tmp_path / "hard.dcm",
+    }[how]
+    if how == "through-a-symlink":
+        output.symlink_to(source)
+    elif how == "through-dot-dot":
+        (tmp_path / "sub").mkdir()
+    elif how == "through-a-hard-link":
+        os.link(source, output)
+    code, out, err = run(capsys, "process", str(source), str(output), "--dose-fraction", "0.5")
+    assert_one_line_error(code, err, str(output), "is the input file")
+    assert code == 2 and out == ""
+    assert source.read_bytes() == half_dose_file.read_bytes()
 
 
 def test_bad_config_is_one_line(capsys, tmp_path, half_dose_file, config_file):

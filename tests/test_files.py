@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import pytest
 
 from dicom_node import files
@@ -241,3 +242,45 @@ def test_spool_start_removes_what_an_interrupted_store_leaves(tmp_path: Path, mo
     leftovers = names(spool.incoming)
     assert len(leftovers) == 1 and leftovers[0].endswith(".part")
     assert spool.prepare() == 1 and names(spool.incoming) == []
+
+
+# Files handed to others: `[node] file_mode` (default 0640, the node's group reads them)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def file_mode_config(tmp_path: Path, file_mode: str | None):
+    from dicom_node.config import load_config
+
+    path = tmp_path / "node.toml"
+    mode = f'file_mode = "{file_mode}"' if file_mode else ""
+    path.write_text(
+        f'[node]\ndata_dir = "data"\n{mode}\n[[destinations]]\nname = "outbox"\nfolder = "outbox"\n'
+        '[profiles.p]\ndose_fraction = 0.5\ndestinations = ["outbox"]\n'
+    )
+    return load_config(path)
+
+
+@pytest.mark.parametrize(("file_mode", "expected"), [(None, 0o640), ("0600", 0o600), ("0644", 0o644)])
+def test_spooled_and_outbox_files_get_the_configured_mode(tmp_path: Path, file_mode: str | None, expected: int) -> None:
+    """Through what the running node builds from its configuration: the receiver's spool, the dispatcher's outbox."""
+    from dicom_node.forward.dispatch import Dispatcher
+    from dicom_node.imaging import raw_mammogram_dataset, save_dataset
+    from dicom_node.joblog import JobLog
+    from dicom_node.receive.scp import StorageSCP
+
+    config = file_mode_config(tmp_path, file_mode)
+    joblog = JobLog(config.database_url)
+    spool = StorageSCP(config, joblog).spool
+    spool.prepare()
+    spooled = spool.store(b"received bytes", "1.2.3", "1.2.3.4", "ab" * 32)
+    assert mode_of(spooled) == expected
+    derived = tmp_path / "derived.dcm"
+    save_dataset(raw_mammogram_dataset(np.full((64, 48), 500, np.uint16), seed=1), derived)
+    result = Dispatcher(config, joblog).destinations["outbox"].send(derived)
+    assert result.ok, result
+    [sent] = (tmp_path / "outbox").iterdir()
+    assert mode_of(sent) == expected
+    joblog.close()

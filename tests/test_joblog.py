@@ -21,7 +21,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import StatementError
 
 from dicom_node.errors import InputRefused
-from dicom_node.joblog import DeliverySnapshot, DeliveryStatus, JobLog, JobSnapshot, JobStatus
+from dicom_node.joblog import Change, DeliverySnapshot, DeliveryStatus, JobLog, JobSnapshot, JobStatus
 from dicom_node.joblog.tables import Base, Delivery, Job
 
 
@@ -325,8 +325,7 @@ def test_retry_and_cancel_of_jobs(log):
     assert log.retry(queued) and log.get_job(queued).status == JobStatus.received
     claimed = log.claim_job("w1", 30)
 
-    with pytest.raises(InputRefused, match="processing"):
-        log.retry(claimed.id)
+    assert log.retry(claimed.id) == Change(False, f"job {claimed.id} is processing: nothing to retry")
     assert log.cancel(claimed.id)  # the worker loses its lease
     assert not log.heartbeat(claimed.id, "w1", 30)
     assert not processed(log, claimed.id, "w1", [("pacs", "derived")])
@@ -341,10 +340,8 @@ def test_retry_and_cancel_of_jobs(log):
     assert log.retry(claimed.id)  # only the cancelled delivery goes again
     log.delivery_sent(log.claim_delivery("f1", 30).id, status=0, send_s=0.1)
     assert log.get_job(claimed.id).status == JobStatus.done
-    with pytest.raises(InputRefused, match="done"):
-        log.retry(claimed.id)
-    with pytest.raises(InputRefused, match="done"):
-        log.cancel(claimed.id)
+    assert not log.retry(claimed.id) and "done" in log.retry(claimed.id).message
+    assert log.cancel(claimed.id) == Change(False, f"job {claimed.id} is done already: nothing to cancel")
 
 
 def test_a_send_in_flight_when_cancelled_is_not_retried_until_the_job_is(log):
@@ -371,6 +368,90 @@ def test_list_jobs_filters_and_find_by_sop_instance(log):
     duplicates = log.find_by_sop_instance(job_fields(2)["sop_instance_uid"])
     assert [j.id for j in duplicates] == [ids[2], ids[-1] + 1]
     assert log.get_job(12345) is None
+
+
+def test_a_job_whose_worker_keeps_dying_fails_at_the_cap_with_the_reason(db_path):
+    """A lease that runs out on the last attempt fails the job: the image is not claimed forever."""
+    log = JobLog(url_of(db_path), max_attempts=2)
+    job_id = log.record_received(**job_fields(1))
+    now = datetime.now(UTC)
+    for attempt in (1, 2):
+        job = log.claim_job(f"w{attempt}", 5, now=now)
+        assert job.id == job_id and job.attempts == attempt
+        now += timedelta(seconds=10)  # the worker died: no heartbeat
+    assert log.claim_job("w3", 5, now=now) is None
+    failed = log.get_job(job_id)
+    assert failed.status == JobStatus.failed
+    assert failed.last_error == "worker w2 stopped renewing its lease on 2 attempts"
+    kinds = [event.kind for event in log.events(job_id)]
+    assert kinds == ["received", "claimed", "handed-back", "claimed", "failed"]
+
+
+def test_hand_back_counts_a_dead_workers_attempt_but_not_a_stop(db_path):
+    log = JobLog(url_of(db_path), max_attempts=2)
+    first = log.record_received(**job_fields(1))
+    second = log.record_received(**job_fields(2))
+    log.claim_job("node-a/host:1", 30)
+    assert log.hand_back("node-a/host:1", "worker killed by signal 11") == [first]
+    assert log.get_job(first).status == JobStatus.received and log.get_job(first).attempts == 1
+    log.claim_job("node-a/host:2", 30)  # the second attempt, by the restarted worker
+    log.claim_job("node-a/host:3", 30)
+    assert sorted(log.hand_back("node-a/", "node restarted", counts=False, prefix=True)) == [first, second]
+    assert [log.get_job(j).attempts for j in (first, second)] == [1, 0]  # a stop is not the job's fault
+    log.claim_job("node-a/host:4", 30)
+    assert log.hand_back("node-a/host:4", "worker killed by signal 11") == [first]
+    assert log.get_job(first).last_error == "worker killed by signal 11 on 2 attempts"
+    assert log.get_job(first).status == JobStatus.failed
+    assert log.hand_back("node-b/", "nothing held", prefix=True) == []
+
+
+def test_retry_makes_a_waiting_job_or_send_due_now(log):
+    job = claimed(log)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    log.job_failed(job.id, "w1", "GPU busy", retry_at=later)
+    assert log.claim_job("w1", 30) is None
+    change = log.retry(job.id)
+    assert change and "processing is due now" in change.message
+    assert log.claim_job("w1", 30).id == job.id
+    assert not log.retry(job.id)  # processing: nothing to do
+
+    processed(log, job.id, "w1", [("pacs", "derived")])
+    send = log.claim_delivery("f1", 30)
+    log.delivery_failed(send.id, error="connection refused", status=None, retry_at=later)
+    assert log.claim_delivery("f1", 30) is None
+    change = log.retry(job.id)
+    assert change.message == f"job {job.id}: sends due now: derived to pacs"
+    assert log.claim_delivery("f1", 30).id == send.id
+    assert not log.retry(job.id)  # the send is in flight, none waits
+    history = [(e.kind, e.destination, e.actor) for e in log.events(job.id)]
+    assert ("send-failed", "pacs", None) in history and history.count(("retry", None, "command retry")) == 2
+
+
+def test_resend_and_reprocess_a_done_job(log):
+    job = claimed(log)
+    with pytest.raises(InputRefused, match="no derived image"):
+        log.resend(job.id)
+    processed(log, job.id, "w1", [("pacs", "derived"), ("archive", "derived")])
+    for _ in range(2):
+        log.delivery_sent(log.claim_delivery("f1", 30).id, status=0, send_s=0.1)
+    assert log.get_job(job.id).status == JobStatus.done
+
+    assert log.resend(job.id, ["pacs"]).message == f"job {job.id}: derived image queued to pacs"
+    assert log.get_job(job.id).status == JobStatus.forwarding
+    again = log.claim_delivery("f1", 30)
+    assert (again.destination, again.attempts) == ("pacs", 1)
+    log.delivery_sent(again.id, status=0, send_s=0.1)
+    assert log.get_job(job.id).status == JobStatus.done
+    assert "pacs, archive" in log.resend(job.id).message  # every destination it went to
+
+    change = log.reprocess(job.id)
+    assert change and "was forwarding" in change.message
+    requeued = log.get_job(job.id)
+    assert requeued.status == JobStatus.received and requeued.attempts == 0
+    assert [d.status for d in log.deliveries(job.id)].count(DeliveryStatus.cancelled) == 2  # the unsent resends
+    assert log.claim_job("w2", 30).id == job.id
+    with pytest.raises(InputRefused, match="processing"):
+        log.reprocess(job.id)
 
 
 # --- concurrency ----------------------------------------------------------------------------------

@@ -106,3 +106,18 @@ def test_an_unknown_detector_is_refused_offering_flags_only_where_there_are_flag
         restore_mammogram(image, load_config(), plan, overrides=NoiseOverrides(gain=0.1))
     assert "add [detectors.SN-NEW]" in str(worker.value) and "--gain" not in str(worker.value)
     assert str(command_line.value).endswith("or pass --electronic-noise, --offset")
+
+
+def test_warm_up_loads_each_profiles_restorer_and_names_a_broken_one(tmp_path):
+    """A worker loads libraries and models before its first job; a profile that cannot restore is
+    one line, and the others still warm up."""
+    from dicom_node.pipeline.processing import warm_up
+    from dicom_node.restore.deep.store import _cached_model
+
+    _cached_model.cache_clear()
+    config = config_with_profile(tmp_path, "pipeline = 'deep'\n")
+    assert warm_up(config) == []
+    assert _cached_model.cache_info().currsize == 1  # the default model for the dose, loaded
+    broken = config_with_profile(tmp_path, "pipeline = 'deep'\nmodel = 'missing'\n")
+    [problem] = warm_up(broken)
+    assert problem.startswith("profile 'p' is not ready: ConfigurationError: no model 'missing'")

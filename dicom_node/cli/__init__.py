@@ -1,7 +1,7 @@
 """Every `dicom-node` command, grouped by audience; each one parses, calls and prints.
 
 - `node`: running the node (serve, worker, check-config, echo, selftest), for radiology IT;
-- `jobs`: the job log (jobs, retry, cancel), for radiology IT;
+- `jobs`: the job log (jobs, show, retry, cancel, resend, reprocess), for radiology IT;
 - `tools`: offline tools (process, phantom, calibrate, demo).
 
 A user error (bad file, bad config, bad flag) ends as one line on stderr and a non-zero exit;
@@ -23,9 +23,10 @@ for command in (
     node.worker,
     node.echo,
     node.selftest,
-    jobs.jobs,
     jobs.retry,
     jobs.cancel,
+    jobs.resend,
+    jobs.reprocess,
     tools.process,
     tools.phantom,
     tools.calibrate,
@@ -33,6 +34,12 @@ for command in (
 ):
     app.command()(command)
 app.command("check-config")(node.check_config)
+jobs_app = typer.Typer(
+    name="jobs", add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=False
+)
+jobs_app.callback(invoke_without_command=True)(jobs.jobs)
+jobs_app.command()(jobs.show)
+app.add_typer(jobs_app)
 
 
 @app.command()

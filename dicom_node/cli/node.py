@@ -10,15 +10,17 @@ import typer
 
 from dicom_node.cli.common import ConfigOption, load_runnable_config
 from dicom_node.console import parse_size
-from dicom_node.errors import Unavailable
+from dicom_node.errors import ConfigurationError, Unavailable
 
 
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receiver, workers, forwarder and scheduler, until SIGTERM or Ctrl-C."""
+    from dicom_node.checks import check_listen
     from dicom_node.node.logs import configure_logging
     from dicom_node.node.service import serve as run_node
 
     cfg = load_runnable_config(config)
+    check_listen(cfg.node.bind, cfg.node.port)  # a port in use is one line, not a traceback from the bind
     configure_logging()
     run_node(cfg)
 
@@ -70,24 +72,37 @@ def check_config(
     config: ConfigOption = None,
     no_echo: Annotated[bool, typer.Option("--no-echo", help="Only validate; do not contact the destinations.")] = False,
 ) -> None:
-    """Validate a configuration file and C-ECHO each destination."""
+    """Validate a configuration and what it names on this machine (models, folders, ports, calibration
+    files), say which job log it uses, then C-ECHO each destination (a folder destination's folder is
+    created, as the node would)."""
+    from dicom_node.checks import check_configuration
+    from dicom_node.cli.jobs import describe_database
+    from dicom_node.config import load_config
     from dicom_node.forward.destinations import destination_named
 
-    cfg = load_runnable_config(config)
+    cfg = load_config(config)
     where = cfg.path or "embedded defaults"
     typer.echo(
-        f"{where}: valid — AE {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}, "
+        f"{where}: AE {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}, "
         f"{len(cfg.sources)} sources, {len(cfg.destinations)} destinations, "
         f"{len(cfg.profiles)} profiles, {len(cfg.detectors)} detectors"
     )
+    typer.echo(f"  job log: {describe_database(cfg.database_url)}")
+    problems = check_configuration(cfg)
+    for problem in problems:
+        typer.echo(f"{'warning' if problem.warning else 'error'}: {problem.text}", err=True)
+    failed = [problem for problem in problems if not problem.warning]
+    if failed:
+        raise ConfigurationError(f"{where}: not valid ({len(failed)} problem{'s' if len(failed) > 1 else ''} above)")
+    typer.echo(f"{where}: valid")
     if no_echo:
         return
-    failed = []
+    unreachable = []
     for entry in cfg.destinations:
         dest = destination_named(cfg, entry.name)
         result = dest.echo()
         typer.echo(f"  {entry.name}: " + (f"ok ({dest.describe()})" if result.ok else result.message))
         if not result.ok:
-            failed.append(entry.name)
-    if failed:
-        raise Unavailable(f"destinations not reachable: {', '.join(failed)}")
+            unreachable.append(entry.name)
+    if unreachable:
+        raise Unavailable(f"destinations not reachable: {', '.join(unreachable)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +12,7 @@ import typer
 from dicom_node.cli.common import ConfigOption, load_runnable_config, print_json
 from dicom_node.config import load_config
 from dicom_node.console import parse_size
-from dicom_node.errors import ConfigurationError
+from dicom_node.errors import ConfigurationError, InputRefused
 
 
 def process(
@@ -51,6 +52,8 @@ def process(
     from dicom_node.pipeline.processing import NoiseOverrides, Plan, report, restore_mammogram
 
     started = time.perf_counter()
+    if input_path.exists() and output_path.exists() and os.path.samefile(input_path, output_path):
+        raise InputRefused(f"{output_path} is the input file {input_path}: give another OUT.dcm (the input is kept)")
     cfg = load_config(config)
     chosen = (("model", model), ("blend", blend), ("denoiser", denoiser))
     options = {key: value for key, value in chosen if value is not None}

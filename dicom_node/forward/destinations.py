@@ -21,7 +21,7 @@ from pydicom.uid import UID
 from dicom_node.config import Config
 from dicom_node.config import Destination as DestinationEntry
 from dicom_node.errors import ConfigurationError
-from dicom_node.files import write_atomically
+from dicom_node.files import DEFAULT_FILE_MODE, write_atomically
 from dicom_node.forward import scu
 from dicom_node.forward.scu import SendResult
 
@@ -82,10 +82,12 @@ class NetworkDestination:
 
 @dataclass(frozen=True)
 class FolderDestination:
-    """A directory that receives each file as ``<SOPInstanceUID>.dcm``, written atomically."""
+    """A directory that receives each file as ``<SOPInstanceUID>.dcm``, written atomically with mode
+    `file_mode` (`[node] file_mode`: an import service in the node's group reads the outbox)."""
 
     name: str
     folder: Path
+    file_mode: int = DEFAULT_FILE_MODE
 
     def send(self, path: Path) -> SendResult:
         started = time.monotonic()
@@ -119,7 +121,7 @@ class FolderDestination:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(source, "rb") as original:
-                write_atomically(target, lambda copy: shutil.copyfileobj(original, copy))
+                write_atomically(target, lambda copy: shutil.copyfileobj(original, copy), mode=self.file_mode)
         except OSError as exc:
             return self._failure(exc)
         return SendResult(True, False, None, f"{self.folder}: wrote {target.name}", 0.0)
@@ -132,14 +134,17 @@ class FolderDestination:
         return SendResult(False, True, None, f"{self.folder}: cannot write: {reason}", 0.0)
 
 
-def make_destination(cfg: DestinationEntry, calling_ae: str, *, base_dir: Path | None = None) -> Destination:
+def make_destination(
+    cfg: DestinationEntry, calling_ae: str, *, base_dir: Path | None = None, file_mode: int = DEFAULT_FILE_MODE
+) -> Destination:
     """The destination a [[destinations]] entry describes; the node's AE title calls PACS.
 
-    A relative folder is taken relative to ``base_dir`` (the configuration file's folder).
+    A relative folder is taken relative to ``base_dir`` (the configuration file's folder); its files
+    get `file_mode`.
     """
     if cfg.folder is not None:
         folder = cfg.folder if base_dir is None else base_dir / cfg.folder
-        return FolderDestination(cfg.name, folder)
+        return FolderDestination(cfg.name, folder, file_mode)
     if cfg.ae_title is None or cfg.host is None or cfg.port is None:  # DestinationEntry validates this
         raise ConfigurationError(f"destination {cfg.name!r} needs ae_title, host and port (or a folder)")
     return NetworkDestination(cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s)
@@ -149,6 +154,8 @@ def destination_named(config: Config, name: str) -> Destination:
     """The configured destination called `name`; ConfigurationError listing the known ones otherwise."""
     for entry in config.destinations:
         if entry.name == name:
-            return make_destination(entry, config.node.ae_title, base_dir=config.base_dir)
+            return make_destination(
+                entry, config.node.ae_title, base_dir=config.base_dir, file_mode=config.node.file_mode
+            )
     known = ", ".join(d.name for d in config.destinations) or "none"
     raise ConfigurationError(f"no destination named {name!r} (configured: {known})")

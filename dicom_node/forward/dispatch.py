@@ -30,7 +30,8 @@ class Dispatcher:
         self.joblog = joblog
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:dispatch"
         self.destinations: dict[str, Destination] = {
-            d.name: make_destination(d, config.node.ae_title, base_dir=config.base_dir) for d in config.destinations
+            d.name: make_destination(d, config.node.ae_title, base_dir=config.base_dir, file_mode=config.node.file_mode)
+            for d in config.destinations
         }
         longest = max((d.timeout_s for d in config.destinations), default=0.0)
         self.lease_s = longest + LEASE_MARGIN_S

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -29,6 +30,8 @@ from .tables import (
     DeliverySnapshot,
     DeliveryStatus,
     Job,
+    JobEvent,
+    JobEventSnapshot,
     JobSnapshot,
     JobStatus,
 )
@@ -37,6 +40,18 @@ STAGES = {"decoded": "decode", "restored": "restore", "derived": "derive"}
 """Stage name → prefix of its duration column (`decoded` sets decoded_at and decode_s)."""
 
 _FINISHED_DELIVERIES = (DeliveryStatus.sent, DeliveryStatus.cancelled)
+DEFAULT_MAX_ATTEMPTS = 3  # [worker] max_attempts unless the node says otherwise
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an IT command did: `changed` False means nothing was changed, and `message` says why."""
+
+    changed: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.changed
 
 
 def utcnow() -> datetime:
@@ -44,9 +59,14 @@ def utcnow() -> datetime:
 
 
 class JobLog:
-    """The job log on one database: opening it migrates the schema to the newest revision."""
+    """The job log on one database: opening it migrates the schema to the newest revision.
 
-    def __init__(self, url: str) -> None:
+    `max_attempts` caps how often a job is claimed: a job whose worker died (a crash, a kill, a
+    timeout) on its last attempt fails with the reason instead of being claimed again.
+    """
+
+    def __init__(self, url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+        self.max_attempts = max_attempts
         self.engine = make_engine(url)
         upgrade(self.engine)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
@@ -104,18 +124,23 @@ class JobLog:
         with self._transaction() as session:
             session.add(job)
             session.flush()
+            self._event(
+                session, job.id, "received", f"from {calling_ae} ({peer_host or 'unknown host'}), profile {profile}"
+            )
             return job.id
 
     # --- processing ------------------------------------------------------------------------
 
     def claim_job(self, worker: str, lease_s: float, now: datetime | None = None) -> JobSnapshot | None:
-        """Take the oldest due job: 'received' (past any retry delay) or 'processing' whose lease expired."""
+        """Take the oldest due job ('received', past any retry delay), counting an attempt.
+
+        Jobs whose lease ran out are first given back (`_expire_leases`): a job is never claimed
+        past `max_attempts`, so an image that kills its worker cannot loop.
+        """
         now = now or utcnow()
-        due = or_(
-            and_(Job.status == JobStatus.received, or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)),
-            and_(Job.status == JobStatus.processing, Job.lease_expires_at < now),
-        )
+        due = and_(Job.status == JobStatus.received, or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
         with self._transaction() as session:
+            self._expire_leases(session, now)
             job = session.scalars(
                 select(Job).where(due).order_by(Job.id).limit(1).with_for_update(skip_locked=True)
             ).first()
@@ -127,6 +152,9 @@ class JobLog:
             job.claimed_at = now
             job.attempts += 1
             job.next_attempt_at = None
+            self._event(
+                session, job.id, "claimed", f"attempt {job.attempts} of {self.max_attempts}", actor=worker, at=now
+            )
             return JobSnapshot.of(job)
 
     def heartbeat(self, job_id: int, worker: str, lease_s: float) -> bool:
@@ -227,6 +255,10 @@ class JobLog:
                 for destination, kind in deliveries
             )
             session.flush()
+            sends = ", ".join(f"{kind} to {destination}" for destination, kind in deliveries) or "none"
+            restore_s = timings.get("total")
+            took = f" in {restore_s:.1f} s" if restore_s is not None else ""
+            self._event(session, job_id, "restored", f"restored{took} on {device}; sends queued: {sends}", actor=worker)
             self._finish_if_delivered(session, job, now)
             return True
 
@@ -243,7 +275,24 @@ class JobLog:
             job.lease_owner = job.lease_expires_at = None
             job.status = JobStatus.failed if retry_at is None else JobStatus.received
             job.next_attempt_at = retry_at
+            when = "failed" if retry_at is None else f"retry at {retry_at.isoformat(timespec='seconds')}"
+            self._event(session, job_id, "attempt-failed", f"{error}; {when}", actor=worker)
             return True
+
+    def hand_back(self, owner: str, reason: str, *, counts: bool = True, prefix: bool = False) -> list[int]:
+        """Give back the jobs a worker holds (`owner`, or every owner starting with it when
+        `prefix`): due again now, or failed once they have had `max_attempts` when the attempt
+        `counts` (the worker died on the job); a stop that was not the job's fault does not count.
+        Returns the ids of the jobs given back or failed."""
+        now = utcnow()
+        held = Job.lease_owner.startswith(owner, autoescape=True) if prefix else Job.lease_owner == owner
+        with self._transaction() as session:
+            jobs = session.scalars(select(Job).where(Job.status == JobStatus.processing, held)).all()
+            for job in jobs:
+                if not counts:
+                    job.attempts -= 1
+                self._give_back(session, job, reason, now)
+            return [job.id for job in jobs]
 
     # --- forwarding ------------------------------------------------------------------------
 
@@ -293,6 +342,13 @@ class JobLog:
             delivery.send_s = send_s
             delivery.sent_at = now
             delivery.lease_owner = delivery.lease_expires_at = None
+            self._event(
+                session,
+                delivery.job_id,
+                "sent",
+                f"{delivery.kind} acknowledged (status 0x{status:04X}) in {send_s:.1f} s, attempt {delivery.attempts}",
+                destination=delivery.destination,
+            )
             self._finish_if_delivered(session, self._job(session, delivery.job_id), now)
 
     def delivery_failed(
@@ -311,6 +367,15 @@ class JobLog:
             delivery.lease_owner = delivery.lease_expires_at = None
             delivery.next_attempt_at = retry_at
             delivery.status = DeliveryStatus.failed if retry_at is None else DeliveryStatus.pending
+            when = "gave up" if retry_at is None else f"retry at {retry_at.isoformat(timespec='seconds')}"
+            code = "" if status is None else f" (status 0x{status:04X})"
+            self._event(
+                session,
+                delivery.job_id,
+                "send-failed",
+                f"{delivery.kind}, attempt {delivery.attempts}: {error}{code}; {when}",
+                destination=delivery.destination,
+            )
             if retry_at is None:
                 job = self._job(session, delivery.job_id)
                 if job.status == JobStatus.forwarding:
@@ -320,17 +385,11 @@ class JobLog:
     # --- recovery and IT commands ------------------------------------------------------------
 
     def reclaim_expired(self, now: datetime | None = None) -> int:
-        """Put rows whose lease ran out back in the queue (their worker died); returns how many."""
+        """Give back rows whose lease ran out (their worker died): jobs as `_expire_leases` does,
+        sends to pending, due now; returns how many."""
         now = now or utcnow()
         with self._transaction() as session:
-            jobs = cast(
-                CursorResult[Any],
-                session.execute(
-                    update(Job)
-                    .where(Job.status == JobStatus.processing, Job.lease_expires_at < now)
-                    .values(status=JobStatus.received, lease_owner=None, lease_expires_at=None)
-                ),
-            )
+            jobs = self._expire_leases(session, now)
             deliveries = cast(
                 CursorResult[Any],
                 session.execute(
@@ -339,57 +398,139 @@ class JobLog:
                     .values(status=DeliveryStatus.pending, lease_owner=None, lease_expires_at=None, next_attempt_at=now)
                 ),
             )
-            return jobs.rowcount + deliveries.rowcount
+            return jobs + deliveries.rowcount
 
-    def retry(self, job_id: int) -> bool:
-        """Queue a failed or cancelled job again, due now; False if it is already queued.
+    def retry(self, job_id: int, actor: str = "command retry") -> Change:
+        """Make a job's next step happen now.
 
-        Without a derived image it is processed again; with one, only its failed or cancelled
-        deliveries are sent again (attempts reset, so the backoff starts from the beginning).
-        Raises InputRefused for an unknown job or one that is processing or done.
+        A failed or cancelled job is queued again (without a derived image it is processed
+        again; with one, its failed or cancelled sends go again, attempts reset so the backoff
+        starts afresh); a job waiting for an automatic retry (of its processing or of a send) is
+        due now. Nothing changes for a job that is due already, processing or done.
+        Raises InputRefused for an unknown job.
         """
         now = utcnow()
         with self._transaction() as session:
             job = self._job(session, job_id)
-            if job.status in (JobStatus.received, JobStatus.forwarding):
-                return False
-            if job.status not in (JobStatus.failed, JobStatus.cancelled):
-                raise InputRefused(f"job {job_id} is {job.status}; only failed or cancelled jobs can be retried")
+            if job.status in (JobStatus.processing, JobStatus.done):
+                return Change(False, f"job {job_id} is {job.status}: nothing to retry")
+            if job.status == JobStatus.received:
+                if job.next_attempt_at is None or job.next_attempt_at <= now:
+                    return Change(False, f"job {job_id} is already queued and due: nothing changed")
+                waited = job.next_attempt_at
+                job.next_attempt_at = now
+                return self._changed(session, job_id, actor, f"processing is due now (was due at {_at(waited)})")
+            if job.status == JobStatus.forwarding:
+                waiting = session.scalars(
+                    select(Delivery).where(
+                        Delivery.job_id == job_id,
+                        Delivery.status == DeliveryStatus.pending,
+                        Delivery.next_attempt_at > now,
+                    )
+                ).all()
+                if not waiting:
+                    return Change(False, f"job {job_id} has no send waiting for a retry: nothing changed")
+                for delivery in waiting:
+                    delivery.next_attempt_at = now
+                sends = ", ".join(f"{d.kind} to {d.destination}" for d in waiting)
+                return self._changed(session, job_id, actor, f"sends due now: {sends}")
+            job.last_error = None
             if job.derived_path is None:
                 job.status = JobStatus.received
                 job.next_attempt_at = None
-                return True
-            session.execute(
-                update(Delivery)
-                .where(
+                job.attempts = 0
+                return self._changed(session, job_id, actor, "queued for processing again")
+            again = session.scalars(
+                select(Delivery).where(
                     Delivery.job_id == job_id, Delivery.status.in_([DeliveryStatus.failed, DeliveryStatus.cancelled])
                 )
-                .values(status=DeliveryStatus.pending, next_attempt_at=now, attempts=0)
-            )
+            ).all()
+            for delivery in again:
+                delivery.status, delivery.next_attempt_at, delivery.attempts = DeliveryStatus.pending, now, 0
             job.status = JobStatus.forwarding
+            sends = ", ".join(f"{d.kind} to {d.destination}" for d in again) or "none left"
+            change = self._changed(session, job_id, actor, f"sends queued again: {sends}")
             self._finish_if_delivered(session, job, now)
-            return True
+            return change
 
-    def cancel(self, job_id: int) -> bool:
-        """Stop a job and its pending deliveries; False if it was cancelled already.
-
-        A worker holding it loses the lease (its heartbeat returns False); a send in flight
-        finishes but is not retried. Raises InputRefused for an unknown job or one that is done.
-        """
+    def cancel(self, job_id: int, actor: str = "command cancel") -> Change:
+        """Stop a job and its pending sends. A worker holding it loses the lease (its heartbeat
+        returns False); a send in flight finishes but is not retried. Nothing changes for a job
+        that is cancelled or done already. Raises InputRefused for an unknown job."""
         with self._transaction() as session:
             job = self._job(session, job_id)
-            if job.status == JobStatus.cancelled:
-                return False
-            if job.status == JobStatus.done:
-                raise InputRefused(f"job {job_id} is done; there is nothing to cancel")
+            if job.status in (JobStatus.cancelled, JobStatus.done):
+                return Change(False, f"job {job_id} is {job.status} already: nothing to cancel")
+            before = job.status
             job.status = JobStatus.cancelled
             job.lease_owner = job.lease_expires_at = None
+            stopped = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.pending)
+                    .values(status=DeliveryStatus.cancelled)
+                ),
+            ).rowcount
+            return self._changed(session, job_id, actor, f"cancelled (was {before}; {stopped} pending sends stopped)")
+
+    def resend(self, job_id: int, destinations: Sequence[str] | None = None, actor: str = "command resend") -> Change:
+        """Send a job's derived image again: to `destinations`, or to every destination it was
+        sent to. For a PACS that lost it; the derived UID is the same, so it replaces, never
+        duplicates. Raises InputRefused for an unknown job, one without a derived image, or one
+        that is processing."""
+        now = utcnow()
+        with self._transaction() as session:
+            job = self._job(session, job_id)
+            if job.derived_path is None:
+                raise InputRefused(f"job {job_id} has no derived image to send (it is {job.status}); try reprocess")
+            if job.status == JobStatus.processing:
+                raise InputRefused(f"job {job_id} is processing; wait for it to finish")
+            previous = session.scalars(
+                select(Delivery.destination).where(Delivery.job_id == job_id, Delivery.kind == "derived").distinct()
+            ).all()
+            targets = list(dict.fromkeys(destinations or previous))
+            if not targets:
+                return Change(False, f"job {job_id} was never sent anywhere: name a destination with --to")
+            session.add_all(
+                Delivery(
+                    job_id=job_id,
+                    destination=destination,
+                    kind="derived",
+                    attempts=0,
+                    status=DeliveryStatus.pending,
+                    next_attempt_at=now,
+                )
+                for destination in targets
+            )
+            job.status = JobStatus.forwarding
+            job.completed_at = None
+            return self._changed(session, job_id, actor, f"derived image queued to {', '.join(targets)}")
+
+    def reprocess(self, job_id: int, actor: str = "command reprocess") -> Change:
+        """Restore a job again from its spooled input (after a new model or a corrected calibration):
+        queued now, attempts from zero, unsent sends of the old result cancelled. Raises
+        InputRefused for an unknown job or one that is processing."""
+        with self._transaction() as session:
+            job = self._job(session, job_id)
+            if job.status == JobStatus.processing:
+                raise InputRefused(f"job {job_id} is processing; wait for it to finish")
+            before = job.status
             session.execute(
                 update(Delivery)
-                .where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.pending)
+                .where(Delivery.job_id == job_id, Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.failed]))
                 .values(status=DeliveryStatus.cancelled)
             )
-            return True
+            job.status = JobStatus.received
+            job.next_attempt_at = job.completed_at = job.last_error = None
+            job.attempts = 0
+            return self._changed(session, job_id, actor, f"queued for processing again (was {before})")
+
+    def events(self, job_id: int) -> list[JobEventSnapshot]:
+        """A job's history, oldest first."""
+        with self._read() as session:
+            rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+            return [JobEventSnapshot.of(row) for row in rows]
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -450,6 +591,49 @@ class JobLog:
             return None
         return job
 
+    def _expire_leases(self, session: Session, now: datetime) -> int:
+        """Jobs whose lease ran out (their worker stopped renewing it): given back (`_give_back`)."""
+        expired = session.scalars(
+            select(Job).where(Job.status == JobStatus.processing, Job.lease_expires_at < now)
+        ).all()
+        for job in expired:
+            self._give_back(session, job, f"worker {job.lease_owner} stopped renewing its lease", now)
+        return len(expired)
+
+    def _give_back(self, session: Session, job: Job, reason: str, now: datetime) -> None:
+        """A job taken from its worker: due again now, or failed when it has had `max_attempts`."""
+        owner = job.lease_owner
+        job.lease_owner = job.lease_expires_at = None
+        if job.attempts >= self.max_attempts:
+            job.status = JobStatus.failed
+            job.last_error = f"{reason} on {job.attempts} attempts"
+            self._event(session, job.id, "failed", job.last_error, actor=owner, at=now)
+            return
+        job.status = JobStatus.received
+        job.next_attempt_at = now
+        job.last_error = reason
+        self._event(session, job.id, "handed-back", f"{reason}; due again now", actor=owner, at=now)
+
+    @staticmethod
+    def _event(
+        session: Session,
+        job_id: int,
+        kind: str,
+        detail: str | None = None,
+        *,
+        destination: str | None = None,
+        actor: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
+        session.add(
+            JobEvent(job_id=job_id, at=at or utcnow(), kind=kind, detail=detail, destination=destination, actor=actor)
+        )
+
+    def _changed(self, session: Session, job_id: int, actor: str, what: str) -> Change:
+        """Record a command's change as an event and say it."""
+        self._event(session, job_id, actor.removeprefix("command "), what, actor=actor)
+        return Change(True, f"job {job_id}: {what}")
+
     @staticmethod
     def _finish_if_delivered(session: Session, job: Job, now: datetime) -> None:
         """A forwarding job is done when none of its deliveries is left to send."""
@@ -463,3 +647,7 @@ class JobLog:
         if unfinished == 0:
             job.status = JobStatus.done
             job.completed_at = now
+
+
+def _at(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")

@@ -1,8 +1,10 @@
 """Tables of the job log and the frozen snapshots handed out of it.
 
 A job is one received image on its way to PACS; a delivery is one send of it (derived or
-original) to one destination. Rows change state only through `queue.JobLog`; everything else
-gets snapshots, so no caller holds a live session or can change a row by accident.
+original) to one destination; an event is one line of a job's history (received, claimed,
+restored, each send attempt, each command that changed it). Rows change state only through
+`jobs.JobLog`; everything else gets snapshots, so no caller holds a live session or can change a
+row by accident.
 """
 
 from __future__ import annotations
@@ -143,6 +145,20 @@ class Delivery(Base):
     send_s: Mapped[float | None]
 
 
+class JobEvent(Base):
+    """One line of a job's history, written in the same transaction as the change it records."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(32))  # received, claimed, restored, sent, send-failed, …
+    destination: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(255))  # the worker, or "command retry", …
+
+
 @dataclass(frozen=True)
 class JobSnapshot:
     """A job row as it was when read; safe to keep after the session is gone."""
@@ -214,3 +230,20 @@ class DeliverySnapshot:
     @classmethod
     def of(cls, delivery: Delivery) -> DeliverySnapshot:
         return cls(**{field.name: getattr(delivery, field.name) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class JobEventSnapshot:
+    """An event row as it was when read."""
+
+    id: int
+    job_id: int
+    at: datetime
+    kind: str
+    destination: str | None
+    detail: str | None
+    actor: str | None
+
+    @classmethod
+    def of(cls, event: JobEvent) -> JobEventSnapshot:
+        return cls(**{field.name: getattr(event, field.name) for field in fields(cls)})

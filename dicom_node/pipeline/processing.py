@@ -21,6 +21,7 @@ from dicom_node.config import Config, Profile
 from dicom_node.detectors import noise_model_for
 from dicom_node.errors import ConfigurationError, InputRefused
 from dicom_node.imaging import MammoImage, build_derived
+from dicom_node.restore.common import check_shape
 from dicom_node.restore.noise import NoiseModel
 from dicom_node.restore.registry import Environment, Provenance, check_restorer_options, create_restorer
 
@@ -128,6 +129,13 @@ def restore_mammogram(
         )
     if not 0 < plan.dose_fraction <= 1:
         raise InputRefused(f"dose fraction must be in (0, 1], got {plan.dose_fraction}")
+    check_shape(image.pixels.shape)  # before any native code runs
+    rows, cols = image.pixels.shape
+    if rows * cols > config.worker.max_megapixels * 1e6:
+        raise InputRefused(
+            f"the image is {rows}×{cols} px ({rows * cols / 1e6:.0f} megapixels); [worker] max_megapixels "
+            f"allows {config.worker.max_megapixels:g}"
+        )
     noise, noise_source = resolve_noise(config, image, overrides)
     restorer = create_restorer(plan.pipeline, environment_of(config), **plan.options)
     restoration = restorer.restore(image.pixels.astype(np.float64), noise, plan.dose_fraction)
@@ -152,6 +160,31 @@ def restore_mammogram(
     timings = dict(restoration.timings)
     timings["derive"] = time.perf_counter() - started
     return Processed(dataset, noise, noise_source, provenance, qc, timings)
+
+
+WARM_UP_SHAPE = (128, 96)  # a small synthetic breast: every restorer's code path, in well under a second
+
+
+def warm_up(config: Config) -> list[str]:
+    """Load every profile's libraries and models now (torch, BM3D, the default model for its dose),
+    so the first image does not pay for them: each profile's restorer restores a small synthetic
+    breast once. Returns one line per profile that could not (its jobs will fail the same way)."""
+    from dicom_node.sim.acquisition import acquire
+    from dicom_node.sim.phantom import make_phantom
+
+    noise = NoiseModel(0.1, 3.0, 50.0)
+    phantom = make_phantom(WARM_UP_SHAPE, seed=0)
+    problems = []
+    for name, profile in config.profiles.items():
+        plan = Plan.of_profile(name, profile)
+        low_dose = acquire(phantom.signal, noise, plan.dose_fraction, 0).astype(np.float64)
+        try:
+            create_restorer(plan.pipeline, environment_of(config), **plan.options).restore(
+                low_dose, noise, plan.dose_fraction
+            )
+        except Exception as exc:  # a profile that cannot restore: said once now, and by each of its jobs
+            problems.append(f"profile {name!r} is not ready: {type(exc).__name__}: {exc}")
+    return problems
 
 
 def report(processed: Processed, plan: Plan) -> dict[str, Any]:

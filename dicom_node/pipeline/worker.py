@@ -1,9 +1,12 @@
 """The claim → plan → decode → restore → derive loop, in a process of its own.
 
 A worker owns a job only while its lease is fresh: a heartbeat thread renews it during the long
-restoration, and a worker that dies simply stops renewing, so another one reclaims the job.
-Processing twice is harmless: the derived UIDs are deterministic, so PACS receives the same
-object again, never a duplicate.
+restoration, and a worker that dies simply stops renewing, so another one reclaims the job (the
+node's supervisor gives it back at once). Processing twice is harmless: the derived UIDs are
+deterministic, so PACS receives the same object again, never a duplicate. Every attempt counts
+towards `[worker] max_attempts`, a crash included, so an image that kills its worker fails
+instead of looping; a restoration that runs past `[worker] timeout_s` is recorded as such and its
+worker kills itself (native code cannot be interrupted), to be restarted by the supervisor.
 
 How a failure changes the job is decided in one place, `outcome_of`, from the error's class
 (`dicom_node.errors`): refused input and wrong configuration fail the job at once, an
@@ -15,19 +18,21 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dicom_node.config import Config
+from dicom_node.config import Config, WorkerSettings
 from dicom_node.errors import ConfigurationError, InputRefused, Unavailable
 from dicom_node.forward.retry import next_attempt_at
 from dicom_node.imaging import read_mammogram, save_dataset
 from dicom_node.joblog import JobLog, JobSnapshot
-from dicom_node.pipeline.processing import Plan, restore_mammogram
+from dicom_node.pipeline.processing import Plan, restore_mammogram, warm_up
 
 log = logging.getLogger("dicom_node.pipeline.worker")
 
@@ -55,21 +60,46 @@ def outcome_of(exc: Exception, job: JobSnapshot, config: Config, now: datetime) 
     return Outcome(error, next_attempt_at(config.retry, job.attempts, job.received_at, now), traceback=True)
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(node_id: str | None = None, pid: int | None = None) -> str:
+    """ "NODE/HOST:PID" (or "HOST:PID" for a worker started on its own): the lease owner it writes, so
+    the node that started it can give its jobs back when it dies."""
+    name = f"{socket.gethostname()}:{pid or os.getpid()}"
+    return f"{node_id}/{name}" if node_id else name
+
+
+def kill_self() -> None:
+    """End this worker at once: the only way out of native code that does not return."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Heartbeat:
-    """Renews a job's lease every heartbeat_s until stopped; remembers if the lease was lost."""
+    """Renews a job's lease every heartbeat_s until stopped; remembers if the lease was lost, and
+    calls `on_timeout` (once) when the job has run for timeout_s."""
 
-    def __init__(self, joblog: JobLog, job_id: int, worker: str, lease_s: float, every_s: float):
+    def __init__(
+        self,
+        joblog: JobLog,
+        job_id: int,
+        worker: str,
+        settings: WorkerSettings,
+        on_timeout: Callable[[], None],
+    ):
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(joblog, job_id, worker, lease_s, every_s), daemon=True)
+        self._deadline = time.monotonic() + settings.timeout_s
+        self._thread = threading.Thread(
+            target=self._run, args=(joblog, job_id, worker, settings, on_timeout), daemon=True
+        )
 
-    def _run(self, joblog: JobLog, job_id: int, worker: str, lease_s: float, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            if not joblog.heartbeat(job_id, worker, lease_s):
+    def _run(
+        self, joblog: JobLog, job_id: int, worker: str, settings: WorkerSettings, on_timeout: Callable[[], None]
+    ) -> None:
+        every_s = min(settings.heartbeat_s, settings.timeout_s)
+        while not self._stop.wait(max(0.0, min(every_s, self._deadline - time.monotonic()))):
+            if time.monotonic() >= self._deadline:
+                on_timeout()
+                return
+            if not joblog.heartbeat(job_id, worker, settings.lease_s):
                 self.lost = True
                 return
 
@@ -83,15 +113,24 @@ class _Heartbeat:
 
 
 class Worker:
-    def __init__(self, config: Config, joblog: JobLog, name: str | None = None):
+    def __init__(
+        self,
+        config: Config,
+        joblog: JobLog,
+        name: str | None = None,
+        on_timeout: Callable[[], None] = kill_self,
+    ):
         self.config = config
         self.joblog = joblog
         self.name = name or worker_name()
         self.derived_dir = config.data_dir / "derived"
+        self.on_timeout = on_timeout
 
     def run(self, stop: threading.Event) -> None:
-        """Process jobs until `stop` is set (finishing the job in hand)."""
+        """Load what the profiles need, then process jobs until `stop` is set (finishing the job in hand)."""
         log.info("worker %s started", self.name)
+        for problem in warm_up(self.config):
+            log.warning("worker %s: %s", self.name, problem)
         while not stop.is_set():
             if not self.run_once():
                 stop.wait(IDLE_POLL_S)
@@ -104,7 +143,7 @@ class Worker:
         if job is None:
             return False
         log.info("job %s: claimed (%s, attempt %d)", job.id, job.sop_instance_uid, job.attempts)
-        with _Heartbeat(self.joblog, job.id, self.name, settings.lease_s, settings.heartbeat_s) as beat:
+        with _Heartbeat(self.joblog, job.id, self.name, settings, lambda: self._timed_out(job)) as beat:
             try:
                 self._process(job)
             except Exception as exc:
@@ -119,6 +158,18 @@ class Worker:
         if beat.lost:
             log.warning("job %s: lease was lost while processing; another worker may have redone it", job.id)
         return True
+
+    def _timed_out(self, job: JobSnapshot) -> None:
+        """Record the timeout as the attempt's failure (retried, or failed at the cap), then stop this worker."""
+        limit = self.config.worker.timeout_s
+        error = f"restoration ran past the {limit:g} s limit ([worker] timeout_s); its worker was stopped"
+        if job.attempts >= self.config.worker.max_attempts:
+            error, retry_at = f"{error} (gave up after {job.attempts} attempts)", None
+        else:
+            retry_at = next_attempt_at(self.config.retry, job.attempts, job.received_at, datetime.now(UTC))
+        log.error("job %s: %s", job.id, error)
+        self.joblog.job_failed(job.id, self.name, error, retry_at=retry_at)
+        self.on_timeout()
 
     def _process(self, job: JobSnapshot) -> None:
         profile = self.config.profiles.get(job.profile)
@@ -166,7 +217,8 @@ class Worker:
         log.info("job %s: restored → %s (%.1f s)", job.id, derived_uid, processed.timings.get("total", 0.0))
 
 
-def run_worker(config: Config, stop: threading.Event | None = None) -> None:
+def run_worker(config: Config, stop: threading.Event | None = None, node_id: str | None = None) -> None:
     """Entry point of a worker process (also `dicom-node worker`)."""
     stop = stop or threading.Event()
-    Worker(config, JobLog(config.database_url)).run(stop)
+    joblog = JobLog(config.database_url, config.worker.max_attempts)
+    Worker(config, joblog, worker_name(node_id)).run(stop)

@@ -155,7 +155,7 @@ class StorageSCP:
         self.config = config
         self.sink = sink
         self.allowlist = AllowList(config)
-        self.spool = Spool(config.data_dir / "spool")
+        self.spool = Spool(config.data_dir / "spool", config.node.file_mode)
         self._requested_port = config.node.port if port is None else port
         self._server: ThreadedAssociationServer | None = None
         # Serialises the duplicate check with the job insert per SOP Instance UID (striped, so

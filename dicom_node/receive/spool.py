@@ -2,7 +2,8 @@
 
 Layout under the spool root: ``incoming/`` holds files being written (anything left there after a
 crash was never acknowledged and is removed at start); ``<study>/<sop>-<sha256[:12]>.dcm`` holds
-each received file. A file appears under its final name only complete and on stable storage.
+each received file. A file appears under its final name only complete and on stable storage, with
+the mode `[node] file_mode` gives (owner read/write, group read by default).
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from dicom_node.files import fsync_directory, write_atomically
+from dicom_node.files import DEFAULT_FILE_MODE, fsync_directory, write_atomically
 
 log = logging.getLogger("dicom_node.receive")
 
 
 class Spool:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, file_mode: int = DEFAULT_FILE_MODE):
         self.root = root
         self.incoming = root / "incoming"
+        self.file_mode = file_mode
 
     def prepare(self) -> int:
         """Create the folders and remove files a crash left half-written; returns how many."""
@@ -48,7 +50,7 @@ class Spool:
             if target.exists():  # skip taken names without writing the data again for each
                 continue
             try:
-                return write_atomically(target, data, replace=False, temp_dir=self.incoming)
+                return write_atomically(target, data, replace=False, temp_dir=self.incoming, mode=self.file_mode)
             except FileExistsError:  # another association claimed it between the check and the link
                 continue
         raise AssertionError("unreachable: the candidate names never end")

@@ -15,6 +15,19 @@ from dicom_node.errors import InputRefused
 from dicom_node.restore.mask import bounding_box, breast_mask
 from dicom_node.restore.noise import NoiseModel
 
+MIN_SIDE = 64  # px: BM3D's blocks and search window need room (an 8×8 image killed its native code)
+
+
+def check_shape(shape: tuple[int, ...]) -> None:
+    """Refuse (InputRefused) what no restorer can take: not a 2-D image, or smaller than MIN_SIDE a side."""
+    if len(shape) != 2 or 0 in shape:
+        raise InputRefused(f"the raw image must be a non-empty 2-D array, got shape {shape}")
+    if min(shape) < MIN_SIDE:
+        raise InputRefused(
+            f"the image is {shape[0]}×{shape[1]} px; restoration needs at least {MIN_SIDE}×{MIN_SIDE} "
+            "(no mammogram is smaller, and BM3D's native code crashes on tiny images)"
+        )
+
 
 def validated_input(raw: np.ndarray, noise: NoiseModel, dose_fraction: float) -> np.ndarray:
     """`raw` as float64 after checking what every restorer needs; InputRefused says what is wrong."""
@@ -24,8 +37,7 @@ def validated_input(raw: np.ndarray, noise: NoiseModel, dose_fraction: float) ->
             f"got {dose_fraction!r}"
         )
     raw = np.asarray(raw, dtype=np.float64)
-    if raw.ndim != 2 or raw.size == 0:
-        raise InputRefused(f"the raw image must be a non-empty 2-D array, got shape {raw.shape}")
+    check_shape(raw.shape)
     if not np.all(np.isfinite(raw)):
         raise InputRefused("the raw image contains NaN or infinite values")
     if np.ndim(noise.gain) and np.shape(noise.gain) != raw.shape:

@@ -16,6 +16,7 @@ from pathlib import Path
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
 
+from dicom_node.checks import existing_joblog_url
 from dicom_node.config import SELFTEST_PROFILE, Config, Destination, Profile
 from dicom_node.detectors import detector_noise
 from dicom_node.errors import Unavailable
@@ -86,6 +87,7 @@ def _loopback_receiver(config: Config, received: queue.Queue):
 
 
 def run_selftest(config: Config, *, size: tuple[int, int] = (512, 416), timeout_s: float = 600) -> SelftestReport:
+    joblog_url = existing_joblog_url(config)  # the running node's job log, before anything is sent
     noise = detector_noise(config, SIMULATED_DETECTOR)  # the selftest simulates this detector
     seed = time.time_ns() % 2**31  # a new instance each run: an identical resend would be ignored as a duplicate
     phantom = make_phantom(size, seed=seed)
@@ -120,7 +122,7 @@ def run_selftest(config: Config, *, size: tuple[int, int] = (512, 416), timeout_
         derived = _wait_for_derived(received, uid, started + timeout_s)
     finally:
         server.shutdown()
-    return _report(JobLog(config.database_url), uid, str(derived.SOPInstanceUID))
+    return _report(JobLog(joblog_url), uid, str(derived.SOPInstanceUID))
 
 
 def _wait_for_derived(received: queue.Queue, source_uid: str, deadline: float):
