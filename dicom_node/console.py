@@ -7,8 +7,11 @@ is one line too, and exit code 1, unless DICOM_NODE_DEBUG is set.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
+from datetime import datetime
 from typing import Any
 
 import typer
@@ -67,3 +70,23 @@ def parse_size(text: str, minimum: int = 32, maximum: int = 8192) -> tuple[int, 
             f"must be between {minimum} and {maximum} pixels a side, got {text}", param_hint="--size"
         )
     return rows, cols
+
+
+def strict_json(obj: Any) -> str:
+    """`obj` as strict JSON text (what every JSON the node prints or writes must be): numbers that
+    are not finite become null (NaN is not JSON), datetimes ISO 8601, numpy scalars plain numbers."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _finite(obj.item())
+    return obj

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from dicom_node.config import Config, load_config
+from dicom_node.console import strict_json
 
 ConfigOption = Annotated[
     Optional[Path],
@@ -31,20 +29,5 @@ def load_runnable_config(path: Path | None) -> Config:
 
 
 def print_json(obj: Any) -> None:
-    """`obj` as JSON on stdout; numbers that are not finite become null (NaN is not JSON)."""
-    json.dump(_finite(obj), sys.stdout, indent=2, default=str, allow_nan=False)
-    sys.stdout.write("\n")
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {key: _finite(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(value) for value in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return _finite(obj.item())
-    return obj
+    """`obj` as strict JSON on stdout (`strict_json`)."""
+    sys.stdout.write(strict_json(obj) + "\n")

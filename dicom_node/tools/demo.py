@@ -7,13 +7,13 @@ a modality could have sent; `run_demo` pushes a half-dose phantom study through 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dicom_node.config import Config
+from dicom_node.console import strict_json
 from dicom_node.detectors import detector_noise
 from dicom_node.errors import InputRefused
 from dicom_node.files import write_atomically
@@ -83,7 +83,7 @@ def write_phantom_study(
         "calcifications": f"calcifications-{stem}.npy",
         "files": files,
     }
-    write_atomically(outdir / "phantom.json", (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644)
+    write_atomically(outdir / "phantom.json", (strict_json(manifest) + "\n").encode(), mode=0o644)
     return manifest
 
 
@@ -185,7 +185,7 @@ def run_demo(
 
 def _write_report(outdir: Path, rows: list[GroupFigures], dose_fraction: float, realisations: int) -> None:
     records = [figures_record(r) for r in rows]
-    write_atomically(outdir / "report.json", (json.dumps(records, indent=2) + "\n").encode(), mode=0o644)
+    write_atomically(outdir / "report.json", (strict_json(records) + "\n").encode(), mode=0o644)
     text = (
         f"# Restoration of a synthetic phantom from {dose_fraction * 100:g}% dose\n\n"
         f"{realisations} realisations per group; pseudo ground truth from 10 full-dose realisations "
