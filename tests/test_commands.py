@@ -166,6 +166,7 @@ def test_demo_reports_noise_and_bias(capsys, tmp_path):
     code, out, err = run(capsys, "demo", str(tmp_path), "--size", "192x160", "--realisations", "2")
     print(out)
     assert code == 0, err
+
     def not_json(name):
         raise AssertionError(f"report.json holds {name}: not strict JSON")
 

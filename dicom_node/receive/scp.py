@@ -1,8 +1,9 @@
 """The Storage SCP the modality talks to: accept, spool, record, answer — in milliseconds.
 
-Nothing here decodes pixels: the handler writes the bytes exactly as received, reads the header
-for the job row and answers. Success is sent only after the file is on stable storage and its job
-is committed; when either fails the modality hears 0xA700 and keeps the image to send again.
+Nothing here decodes pixels: the handler reads the header for the job row, checks that the Pixel
+Data can hold the pixels it describes (receive/checks.py), writes the bytes exactly as received
+and answers. Success is sent only after the file is on stable storage and its job is committed;
+when either fails the modality hears 0xA700 and keeps the image to send again.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING, cast
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
 
 from dicom_node.config import Config
 from dicom_node.errors import InputRefused, NodeError, Unavailable
-from dicom_node.imaging.read import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PRESENTATION, MG_FOR_PROCESSING
+from dicom_node.imaging.read import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PROCESSING
 from dicom_node.joblog import JobLog
 from dicom_node.receive.allowlist import (
     CALLED_AE_NOT_RECOGNISED,
@@ -35,6 +37,7 @@ from dicom_node.receive.allowlist import (
     Refused,
     Rejection,
 )
+from dicom_node.receive.checks import image_problem
 from dicom_node.receive.spool import Spool
 
 if TYPE_CHECKING:
@@ -48,6 +51,11 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+# The SOP classes the node stores: those it can restore. Every other one (MG For Presentation
+# among them) is refused at negotiation, presentation context result 0x03 "abstract syntax not
+# supported", so the modality knows at once instead of hearing Success for a job that must fail.
+STORAGE_SOP_CLASSES: tuple[str, ...] = (MG_FOR_PROCESSING,)
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MEGABYTE = 1 << 20
@@ -89,20 +97,30 @@ class Header:
     detector_serial: str | None
 
 
-def read_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> Header:
-    """Parse the header of a received file (stopping before Pixel Data) and check its UIDs.
+def read_dataset(data: bytes) -> Dataset:
+    """Parse a received file whole: the checks need the Pixel Data's length (its bytes, never decoded)."""
+    try:
+        return pydicom.dcmread(BytesIO(data))
+    except Exception as exc:
+        raise NotUnderstood(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
 
-    `sop_class_uid`/`sop_instance_uid` are the C-STORE request's: the dataset must agree with
-    them. UIDs become folder and file names, so they must be digits and dots only.
+
+def read_header(ds: Dataset, *, context_sop_class_uid: str, sop_class_uid: str, sop_instance_uid: str) -> Header:
+    """The job row's attributes of a received dataset, once its UIDs are checked.
+
+    `context_sop_class_uid` is the presentation context's abstract syntax, `sop_class_uid` and
+    `sop_instance_uid` the C-STORE request's: the dataset must agree with all three (pynetdicom
+    does not compare the request with its context). UIDs become folder and file names, so they
+    must be digits and dots only. The detector is named as the worker looks it up (Device Serial
+    Number, else Detector ID: imaging.read.acquisition_params).
     """
     try:
-        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
         uids = {
             name: str(ds.get(name, "") or "").strip()
             for name in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
         }
-        station_name, detector_serial = (
-            str(ds.get(name, "") or "").strip() or None for name in ("StationName", "DeviceSerialNumber")
+        station_name, device_serial, detector_id = (
+            str(ds.get(name, "") or "").strip() or None for name in ("StationName", "DeviceSerialNumber", "DetectorID")
         )
     except Exception as exc:
         raise NotUnderstood(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
@@ -111,6 +129,12 @@ def read_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> Heade
             raise NotUnderstood(CANNOT_UNDERSTAND, f"dataset lacks {name}")
         if len(uid) > 64 or not _UID.fullmatch(uid):
             raise NotUnderstood(CANNOT_UNDERSTAND, f"{name} is not a valid UID")
+    if uids["SOPClassUID"] != context_sop_class_uid:
+        raise NotUnderstood(
+            DOES_NOT_MATCH_SOP_CLASS,
+            f"SOPClassUID differs from the presentation context's "
+            f"({UID(uids['SOPClassUID']).name}, not {UID(context_sop_class_uid).name})",
+        )
     if uids["SOPClassUID"] != sop_class_uid:
         raise NotUnderstood(DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request's")
     if uids["SOPInstanceUID"] != sop_instance_uid:
@@ -121,8 +145,18 @@ def read_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> Heade
         uids["StudyInstanceUID"],
         uids["SeriesInstanceUID"],
         station_name,
-        detector_serial,
+        device_serial or detector_id,
     )
+
+
+def check_image(ds: Dataset, transfer_syntax: str) -> None:
+    """Refuse (0xC000) an image whose pixels could not be read: receive/checks.py says why."""
+    try:
+        problem = image_problem(ds, transfer_syntax)
+    except Exception as exc:  # a pixel attribute's value pydicom cannot convert
+        problem = f"unreadable pixel description: {type(exc).__name__}"
+    if problem is not None:
+        raise NotUnderstood(CANNOT_UNDERSTAND, problem)
 
 
 def _status_name(status: object) -> str:
@@ -146,7 +180,7 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 class StorageSCP:
-    """The node's Storage SCP: C-ECHO, and C-STORE of MG For Processing / For Presentation.
+    """The node's Storage SCP: C-ECHO, and C-STORE of the STORAGE_SOP_CLASSES (MG For Processing).
 
     `port` overrides node.port (0: any free port, for tests); `.port` is the bound one.
     """
@@ -179,7 +213,7 @@ class StorageSCP:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.add_supported_context(Verification)
-        for sop_class in (MG_FOR_PROCESSING, MG_FOR_PRESENTATION):
+        for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, LOSSLESS_TRANSFER_SYNTAXES)
         handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -279,8 +313,21 @@ class StorageSCP:
         )
 
     def _on_established(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
+        """Log the association; when it can store nothing here, also what it proposed (IT's first question)."""
+        assoc = event.assoc
+        requestor = assoc.requestor
         log.info("association %s@%s:%d accepted", requestor.ae_title, requestor.address, requestor.port)
+        if assoc.rejected_contexts and not any(
+            cx.abstract_syntax in STORAGE_SOP_CLASSES for cx in assoc.accepted_contexts
+        ):
+            refused = sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts if cx.abstract_syntax})
+            log.warning(
+                "association %s@%s proposes no SOP class this node stores (%s): refused %s",
+                requestor.ae_title,
+                requestor.address,
+                ", ".join(UID(uid).name for uid in STORAGE_SOP_CLASSES),
+                ", ".join(refused),
+            )
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         requestor = event.assoc.requestor
@@ -298,9 +345,18 @@ class StorageSCP:
         calling_ae, host = requestor.ae_title.strip(), requestor.address
         request = cast(C_STORE, event.request)  # EVT_C_STORE's request is a C-STORE
         data = event.encoded_dataset()
+        transfer_syntax = str(event.context.transfer_syntax)
         try:
+            ds = read_dataset(data)
             # A UID missing from the request ("") matches no dataset's: read_header refuses it.
-            header = read_header(data, request.AffectedSOPClassUID or "", request.AffectedSOPInstanceUID or "")
+            header = read_header(
+                ds,
+                context_sop_class_uid=str(event.context.abstract_syntax),
+                sop_class_uid=request.AffectedSOPClassUID or "",
+                sop_instance_uid=request.AffectedSOPInstanceUID or "",
+            )
+            check_image(ds, transfer_syntax)
+            del ds  # frees the parsed copy of the pixels: the spool gets the bytes as received
             # Admitted at association time; read again because a store does not carry it along.
             profile_name = self.allowlist.admit(calling_ae, host)
             job_id = self._accept(
@@ -310,7 +366,7 @@ class StorageSCP:
                 calling_ae=calling_ae,
                 called_ae=_primitive(requestor.primitive, "requestor").called_ae_title.strip(),
                 peer_host=host,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
+                transfer_syntax_uid=transfer_syntax,
             )
         except Exception as exc:
             code, comment = store_failure_status(exc)
