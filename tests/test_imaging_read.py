@@ -180,9 +180,9 @@ REFUSALS = [
     pytest.param(
         _corrupt_j2k_codestream, "has pixel data that cannot be decoded", False, id="corrupt-jpeg-2000-codestream"
     ),
-    pytest.param(_two_frames, "multi-frame (2 frames)", False, id="multi-frame"),
+    pytest.param(_two_frames, "has 2 frames; this node takes single-frame", False, id="multi-frame"),
     pytest.param(_eight_bit, "8 bits allocated", False, id="8-bit-pixels"),
-    pytest.param(_monochrome1_raw, "Photometric Interpretation MONOCHROME1", False, id="inverted-raw-image"),
+    pytest.param(_monochrome1_raw, "is MONOCHROME1; For Processing needs MONOCHROME2", False, id="inverted-raw-image"),
 ]
 
 

@@ -56,11 +56,30 @@ def test_an_empty_value_counts_as_missing(good: Dataset) -> None:
     assert image_problem(good, NATIVE) == "dataset lacks Columns"
 
 
-def test_monochrome1_passes_and_rgb_is_refused(good: Dataset) -> None:
+def test_monochrome1_is_readable_and_rgb_is_not(good: Dataset) -> None:
     good.PhotometricInterpretation = "MONOCHROME1"
-    assert image_problem(good, NATIVE) is None
+    assert pixel_description_problem(good) is None
     good.PhotometricInterpretation = "RGB"
     assert image_problem(good, NATIVE) == "Photometric Interpretation RGB, not MONOCHROME1 or MONOCHROME2"
+
+
+@pytest.mark.parametrize(
+    ("attributes", "problem"),
+    [
+        ({"PhotometricInterpretation": "MONOCHROME1"}, "image is MONOCHROME1; For Processing needs MONOCHROME2"),
+        ({"BitsAllocated": 8, "BitsStored": 8}, "image has 8 bits allocated; this node takes 16"),
+        ({"PixelRepresentation": 1}, "image is not single-sample unsigned grayscale"),
+        ({"NumberOfFrames": 2}, "image has 2 frames; this node takes single-frame images"),
+    ],
+)
+def test_readable_pixels_the_worker_would_refuse_are_refused_at_once(good: Dataset, attributes, problem) -> None:
+    """What the worker cannot restore is refused while the modality still holds the image, in the
+    worker's own words (one check serves both), short enough for the Error Comment."""
+    for keyword, value in attributes.items():
+        setattr(good, keyword, value)
+    assert pixel_description_problem(good) is None
+    refused = image_problem(good, NATIVE)
+    assert refused is not None and refused.startswith(problem) and len(refused) <= 64
 
 
 @pytest.mark.parametrize(
@@ -83,9 +102,9 @@ def test_absurd_pixel_descriptions_are_refused(attributes: dict, problem: str, g
 
 def test_the_length_counts_frames_and_bits_allocated(good: Dataset) -> None:
     good.NumberOfFrames = 3
-    assert image_problem(good, NATIVE) == "Pixel Data is 1920 bytes, not 5760 (40x24x1x16 bits x 3 frames)"
+    assert pixel_data_problem(good, NATIVE) == "Pixel Data is 1920 bytes, not 5760 (40x24x1x16 bits x 3 frames)"
     good.PixelData *= 3
-    assert image_problem(good, NATIVE) is None
+    assert pixel_data_problem(good, NATIVE) is None
 
 
 @pytest.mark.parametrize(("length", "accepted"), [(15, True), (16, True), (14, False), (17, False)])
@@ -93,7 +112,7 @@ def test_an_odd_length_may_carry_its_padding_byte(length: int, accepted: bool, g
     """3x5 pixels of 8 bits: 15 bytes, which DICOM pads to an even 16."""
     good.Rows, good.Columns, good.BitsAllocated, good.BitsStored = 3, 5, 8, 8
     good.PixelData = bytes(length)
-    assert (image_problem(good, NATIVE) is None) == accepted
+    assert (pixel_data_problem(good, NATIVE) is None) == accepted
 
 
 def test_a_full_size_refusal_fits_the_error_comment(good: Dataset) -> None:

@@ -108,7 +108,7 @@ def read_mammogram(source: Source, *, label: str | None = None) -> MammoImage:
     if "PixelData" not in ds:
         raise InputRefused(f"{label} has no pixel data")
     syntax = _transfer_syntax(ds, label)
-    _check_pixel_description(ds, sop_class, label)
+    check_pixel_description(ds, sop_class, label)
     pixels = _decode(ds, label)
     return MammoImage(dataset=ds, pixels=pixels, params=acquisition_params(ds), transfer_syntax_uid=str(syntax))
 
@@ -179,10 +179,12 @@ def _transfer_syntax(ds: Dataset, label: str) -> UID:
     return syntax
 
 
-def _check_pixel_description(ds: Dataset, sop_class: UID, label: str) -> None:
+def check_pixel_description(ds: Dataset, sop_class: UID, label: str) -> None:
+    """Refuse (InputRefused) pixels this node does not restore; the receiver applies it too, so an
+    image that would fail here is refused while the modality still holds it."""
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames != 1:
-        raise InputRefused(f"{label} is multi-frame ({frames} frames); this node takes single-frame images")
+        raise InputRefused(f"{label} has {frames} frames; this node takes single-frame images")
     if ds.get("BitsAllocated") != 16:
         raise InputRefused(f"{label} has {ds.get('BitsAllocated')} bits allocated; this node takes 16")
     if not 1 <= (ds.get("BitsStored") or 0) <= 16:
@@ -192,10 +194,8 @@ def _check_pixel_description(ds: Dataset, sop_class: UID, label: str) -> None:
     photometric = ds.get("PhotometricInterpretation")
     allowed = ("MONOCHROME2",) if sop_class == MG_FOR_PROCESSING else ("MONOCHROME1", "MONOCHROME2")
     if photometric not in allowed:
-        raise InputRefused(
-            f"{label} has Photometric Interpretation {photometric}; "
-            f"expected {' or '.join(allowed)} for {sop_class.name}"
-        )
+        kind = "For Processing" if sop_class == MG_FOR_PROCESSING else sop_class.name
+        raise InputRefused(f"{label} is {photometric}; {kind} needs {' or '.join(allowed)}")
 
 
 def _decode(ds: Dataset, label: str) -> np.ndarray:

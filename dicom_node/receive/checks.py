@@ -15,6 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.uid import UID
 
+from dicom_node.errors import InputRefused
+from dicom_node.imaging.read import check_pixel_description
+
 PHOTOMETRIC_INTERPRETATIONS = ("MONOCHROME1", "MONOCHROME2")
 BITS_ALLOCATED = (8, 16)
 
@@ -31,8 +34,19 @@ _REQUIRED = (
 
 
 def image_problem(ds: Dataset, transfer_syntax: str) -> str | None:
-    """What makes the received image unreadable, or None: its pixel description, then its Pixel Data."""
-    return pixel_description_problem(ds) or pixel_data_problem(ds, transfer_syntax)
+    """What makes the received image unreadable or unrestorable, or None: its pixel description,
+    what the worker takes (`restorable_problem`), then its Pixel Data."""
+    return pixel_description_problem(ds) or restorable_problem(ds) or pixel_data_problem(ds, transfer_syntax)
+
+
+def restorable_problem(ds: Dataset) -> str | None:
+    """Pixels the worker would refuse (16 bits, unsigned, one frame, MONOCHROME2 for For Processing):
+    the worker's own check (`imaging.read.check_pixel_description`), so the two never drift apart."""
+    try:
+        check_pixel_description(ds, UID(str(ds.get("SOPClassUID", ""))), "image")
+    except InputRefused as refused:
+        return str(refused)
+    return None
 
 
 def pixel_description_problem(ds: Dataset) -> str | None:
