@@ -135,6 +135,9 @@ class Profile(BaseModel):
     dose_fraction: float = Field(gt=0, le=1)
     destinations: list[str] = []
     forward_original: bool = False
+    # SOP Class UIDs this profile's sources may send that are not restored but forwarded unchanged to
+    # its destinations (e.g. MG For Presentation, 1.2.840.10008.5.1.4.1.1.1.2): refused otherwise
+    pass_through: list[Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)+$", max_length=64)]] = []
 
     @property
     def restorer_options(self) -> dict[str, Any]:

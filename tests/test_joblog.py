@@ -454,6 +454,19 @@ def test_resend_and_reprocess_a_done_job(log):
         log.reprocess(job.id)
 
 
+def test_a_passed_through_image_is_forwarding_at_once_and_never_claimed(log):
+    job_id = log.record_received(**job_fields(1), pass_through_to=["pacs", "archive"])
+    assert log.get_job(job_id).status == JobStatus.forwarding and log.claim_job("w1", 30) is None
+    sends = log.deliveries(job_id)
+    assert [(d.destination, d.kind, d.status) for d in sends] == [
+        ("pacs", "original", DeliveryStatus.pending),
+        ("archive", "original", DeliveryStatus.pending),
+    ]
+    for _ in sends:
+        log.delivery_sent(log.claim_delivery("f1", 30).id, status=0, send_s=0.1)
+    assert log.get_job(job_id).status == JobStatus.done
+
+
 # --- concurrency ----------------------------------------------------------------------------------
 
 

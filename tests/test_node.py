@@ -44,6 +44,7 @@ def write_config(
     stop_grace_s: float = 20,
     timeout_s: float = 900,
     retry_initial_s: float = 1,
+    pass_through: tuple[str, ...] = (),
 ) -> Path:
     path = folder / "node.toml"
     sim = sim_noise_model()  # the detector the inputs come from
@@ -72,6 +73,7 @@ pipeline = "{pipeline}"
 dose_fraction = 0.5
 destinations = ["pacs"]
 forward_original = {str(forward_original).lower()}
+pass_through = {json.dumps(list(pass_through))}
 
 [detectors.SIM-0001]
 gain = {sim.gain}
@@ -651,3 +653,22 @@ def test_jobs_names_its_job_log_and_never_creates_an_empty_one(tmp_path, monkeyp
         main(["jobs", "--config", str(config)])
     captured = capsys.readouterr()
     assert info.value.code == 0 and f"job log: {site / 'data' / 'joblog.sqlite'}" in captured.err
+
+
+def test_for_presentation_is_passed_through_unchanged_when_the_profile_says_so(tmp_path, pacs, node_factory):
+    """Sites that send everything to one node: a profile passes For Presentation through to its
+    destinations byte for byte, never restored; without `pass_through` it is refused at negotiation
+    (tests/test_receive.py)."""
+    from dicom_node.imaging import raw_mammogram_dataset, save_dataset
+    from dicom_node.imaging.read import MG_FOR_PRESENTATION
+
+    node = node_factory(pacs.dicom_port, pass_through=(MG_FOR_PRESENTATION,))
+    ds = raw_mammogram_dataset(np.full((96, 80), 700, dtype=np.uint16), seed=41)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PRESENTATION
+    save_dataset(ds, source := tmp_path / "presentation.dcm")
+    job_id = received_job(node, source)
+    [job] = node.wait_for_jobs(1, timeout=60)
+    assert job.id == job_id and job.derived_path is None and job.pipeline is None  # never restored
+    arrived = dcmread(io.BytesIO(pacs.file(pacs.wait_for(str(ds.SOPInstanceUID)))))
+    assert arrived.PixelData == ds.PixelData and arrived.SOPClassUID == MG_FOR_PRESENTATION
+    assert [e.kind for e in node.joblog().events(job_id)][:2] == ["received", "passed-through"]

@@ -328,6 +328,7 @@ def test_storescu_image_is_spooled_and_recorded(serve, tmp_path: Path) -> None:
         "input_path": str(spooled),
         "input_sha256": hashlib.sha256(data).hexdigest(),
         "input_bytes": len(data),
+        "pass_through_to": [],  # restored, not passed through
     }
     assert second.fields["profile"] == "deep"  # the restoration plan is decided by the worker at claim time
     assert list(scp.spool.incoming.iterdir()) == []
@@ -720,3 +721,34 @@ def test_full_size_store_time(serve, tmp_path: Path, caplog) -> None:
         f"handler (parse and checks, sha256, spool+fsync, job) {', '.join(handler)}"
     )
     assert len(sink.jobs) == 3 and len(handler) == 3
+
+
+def test_a_profile_may_pass_a_class_through_unchanged_and_only_its_own_sources(serve, tmp_path: Path) -> None:
+    """`pass_through`: For Presentation from MAMMO1 (whose profile passes it) is stored, not checked
+    for restoration, and recorded to go unchanged to the profile's destinations; from MAMMO2 (whose
+    profile does not) it is refused 0x0122 although the class was negotiated for MAMMO1's sake."""
+    config = parse_config(
+        {
+            "node": {"ae_title": NODE, "bind": "127.0.0.1", "data_dir": str(tmp_path / "node"), "min_free_disk_mb": 0},
+            "sources": [{"ae_title": "MAMMO1", "profile": "half"}, {"ae_title": "MAMMO2", "profile": "strict"}],
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+            "profiles": {
+                "half": {"dose_fraction": 0.5, "destinations": ["pacs"], "pass_through": [MG_FOR_PRESENTATION]},
+                "strict": {"dose_fraction": 0.5, "destinations": ["pacs"]},
+            },
+        }
+    )
+    scp, sink = serve(config)
+    assert stored_ok(storescu(scp.port, for_presentation(tmp_path, seed=40)))
+    [job] = sink.jobs
+    assert job.fields["sop_class_uid"] == MG_FOR_PRESENTATION and job.fields["pass_through_to"] == ["pacs"]
+    ae = AE(ae_title="MAMMO2")
+    ae.add_requested_context(MG_FOR_PRESENTATION, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=NODE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(for_presentation(tmp_path, seed=41))
+    finally:
+        assoc.release()
+    assert status.Status == 0x0122 and status.ErrorComment == f"{MG_FOR_PRESENTATION}: not passed by profile strict"
+    assert len(sink.jobs) == 1

@@ -100,8 +100,12 @@ class JobLog:
         input_path: str,
         input_sha256: str,
         input_bytes: int,
+        pass_through_to: Sequence[str] = (),
     ) -> int:
-        """Commit a job for a spooled image; the receiver answers Success only after this."""
+        """Commit a job for a spooled image; the receiver answers Success only after this.
+
+        With `pass_through_to` (destinations) the image is not restored: the job is forwarding at
+        once, with one send of the original to each, due now."""
         job = Job(
             sop_instance_uid=sop_instance_uid,
             study_instance_uid=study_instance_uid,
@@ -121,12 +125,31 @@ class JobLog:
             attempts=0,
             received_at=utcnow(),
         )
+        if pass_through_to:
+            job.status = JobStatus.forwarding
         with self._transaction() as session:
             session.add(job)
             session.flush()
             self._event(
                 session, job.id, "received", f"from {calling_ae} ({peer_host or 'unknown host'}), profile {profile}"
             )
+            if pass_through_to:
+                now = utcnow()
+                session.add_all(
+                    Delivery(
+                        job_id=job.id,
+                        destination=destination,
+                        kind="original",
+                        attempts=0,
+                        status=DeliveryStatus.pending,
+                        next_attempt_at=now,
+                    )
+                    for destination in pass_through_to
+                )
+                sent_to = ", ".join(pass_through_to)
+                self._event(session, job.id, "passed-through", f"not restored; sent unchanged to {sent_to}")
+                session.flush()
+                self._finish_if_delivered(session, job, now)
             return job.id
 
     # --- processing ------------------------------------------------------------------------

@@ -50,11 +50,13 @@ log = logging.getLogger("dicom_node.receive")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC000
 
-# The SOP classes the node stores: those it can restore. Every other one (MG For Presentation
-# among them) is refused at negotiation, presentation context result 0x03 "abstract syntax not
-# supported", so the modality knows at once instead of hearing Success for a job that must fail.
+# The SOP classes the node stores: those it can restore, and those a profile passes through
+# unchanged (`pass_through`). Every other one (MG For Presentation, unless passed) is refused at
+# negotiation, presentation context result 0x03 "abstract syntax not supported", so the modality
+# knows at once instead of hearing Success for a job that must fail.
 STORAGE_SOP_CLASSES: tuple[str, ...] = (MG_FOR_PROCESSING,)
 
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -213,7 +215,8 @@ class StorageSCP:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.add_supported_context(Verification)
-        for sop_class in STORAGE_SOP_CLASSES:
+        passed = [uid for profile in self.config.profiles.values() for uid in profile.pass_through]
+        for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *passed]):
             ae.add_supported_context(sop_class, LOSSLESS_TRANSFER_SYNTAXES)
         handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -355,10 +358,12 @@ class StorageSCP:
                 sop_class_uid=request.AffectedSOPClassUID or "",
                 sop_instance_uid=request.AffectedSOPInstanceUID or "",
             )
-            check_image(ds, transfer_syntax)
-            del ds  # frees the parsed copy of the pixels: the spool gets the bytes as received
             # Admitted at association time; read again because a store does not carry it along.
             profile_name = self.allowlist.admit(calling_ae, host)
+            pass_through_to = self._pass_through(header.sop_class_uid, profile_name)
+            if not pass_through_to:
+                check_image(ds, transfer_syntax)
+            del ds  # frees the parsed copy of the pixels: the spool gets the bytes as received
             job_id = self._accept(
                 header,
                 data,
@@ -367,6 +372,7 @@ class StorageSCP:
                 called_ae=_primitive(requestor.primitive, "requestor").called_ae_title.strip(),
                 peer_host=host,
                 transfer_syntax_uid=transfer_syntax,
+                pass_through_to=pass_through_to,
             )
         except Exception as exc:
             code, comment = store_failure_status(exc)
@@ -409,6 +415,19 @@ class StorageSCP:
             )
         return SUCCESS
 
+    def _pass_through(self, sop_class_uid: str, profile_name: str) -> list[str]:
+        """The destinations an image of a class the node does not restore goes to unchanged (its
+        profile's `pass_through`); raises 0x0122 when its profile does not pass that class."""
+        if sop_class_uid in STORAGE_SOP_CLASSES:
+            return []
+        profile = self.config.profiles.get(profile_name)
+        if profile is None or sop_class_uid not in profile.pass_through:
+            raise NotUnderstood(
+                SOP_CLASS_NOT_SUPPORTED,
+                f"{sop_class_uid}: not passed by profile {profile_name}",
+            )
+        return list(profile.destinations)
+
     def _accept(
         self,
         header: Header,
@@ -419,6 +438,7 @@ class StorageSCP:
         called_ae: str,
         peer_host: str,
         transfer_syntax_uid: str,
+        pass_through_to: list[str],
     ) -> int | None:
         """Spool and record one image; the job id, or None for an identical duplicate.
 
@@ -445,6 +465,7 @@ class StorageSCP:
                     input_path=str(path),
                     input_sha256=sha256,
                     input_bytes=len(data),
+                    pass_through_to=pass_through_to,
                 )
             except BaseException:
                 self.spool.discard(path)
