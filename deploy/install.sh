@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 with_tests=0
 [[ "${1:-}" == "--test" ]] && with_tests=1
 
-debian_test_packages=(dicom3tools dcmtk libgdcm-tools orthanc orthanc-gdcm)
+debian_test_packages=(dicom3tools dcmtk libgdcm-tools orthanc orthanc-gdcm chromium chromium-driver)
 if [[ $with_tests == 1 ]]; then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         missing=()

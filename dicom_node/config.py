@@ -135,6 +135,9 @@ class Profile(BaseModel):
     dose_fraction: float = Field(gt=0, le=1)
     destinations: list[str] = []
     forward_original: bool = False
+    # a job whose QC figures are outside [qc.thresholds] is flagged either way; with hold_flagged it is
+    # also held back from its destinations until someone releases it (`dicom-node release`, the dashboard)
+    hold_flagged: bool = False
     # SOP Class UIDs this profile's sources may send that are not restored but forwarded unchanged to
     # its destinations (e.g. MG For Presentation, 1.2.840.10008.5.1.4.1.1.1.2): refused otherwise
     pass_through: list[Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)+$", max_length=64)]] = []
@@ -186,6 +189,82 @@ class SelftestSettings(_Strict):
     dose_fraction: float = Field(default=0.5, gt=0, le=1)
 
 
+class Threshold(_Strict):
+    """The range a QC figure should stay in; a job outside it is flagged. No bound: not checked."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Threshold:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self
+
+
+DEFAULT_QC_THRESHOLDS: dict[str, Threshold] = {
+    # docs/qc.md says what each figure measures and why these bounds
+    "calibration_noise_std": Threshold(min=0.92, max=1.08),
+    "noise_after": Threshold(min=0.75, max=1.3),
+    "mean_ratio": Threshold(min=0.98, max=1.02),
+    "method_noise_structure": Threshold(max=0.1),
+    "saturated_fraction": Threshold(max=0.01),
+    "clipped_fraction": Threshold(max=0.001),
+    "breast_fraction": Threshold(min=0.02),
+}
+
+
+class QcSettings(_Strict):
+    """Bounds of the per-image QC figures. A figure given here replaces its default bounds; an empty
+    table ([qc.thresholds.mean_ratio]) turns its check off."""
+
+    thresholds: dict[str, Threshold] = {}
+
+    @property
+    def effective_thresholds(self) -> dict[str, Threshold]:
+        return {**DEFAULT_QC_THRESHOLDS, **self.thresholds}
+
+
+class PhantomRule(_Strict):
+    """Which received images are phantom QA images: every attribute given must match (exactly,
+    surrounding spaces ignored). Matching images are restored and forwarded like any other, and also
+    grouped, per rule and detector, into QA sessions that end after `quiet_minutes` without a new
+    image; each session is then evaluated with the seed paper's protocol (`dicom_node.qa.phantom`)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    patient_id: str | None = None
+    station_name: str | None = None
+    protocol_name: str | None = None
+    quiet_minutes: float = Field(default=30, gt=0)
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> PhantomRule:
+        if self.patient_id is None and self.station_name is None and self.protocol_name is None:
+            raise ValueError("a phantom rule needs patient_id, station_name or protocol_name")
+        return self
+
+
+class DashboardUser(_Strict):
+    role: Literal["qa", "admin"]  # qa: read only; admin: also retry, cancel, resend, reprocess, release
+    password_hash: str = Field(min_length=1)  # made by `dicom-node hash-password`; never the password
+
+
+class DashboardSettings(_Strict):
+    """The QA web dashboard `serve` runs on its own port (also /healthz and /metrics)."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"  # localhost unless IT opens it on purpose
+    port: int = Field(default=8080, ge=1, le=65535)
+    session_minutes: float = Field(default=60, gt=0)  # a login expires after this long
+    users: dict[str, DashboardUser] = {}
+
+    @model_validator(mode="after")
+    def _users_when_enabled(self) -> DashboardSettings:
+        if self.enabled and not self.users:
+            raise ValueError("an enabled dashboard needs at least one user ([dashboard.users.NAME])")
+        return self
+
+
 SELFTEST_PROFILE = "selftest"
 """The built-in profile of images from the selftest (`dicom_node.tools.selftest` adds it)."""
 
@@ -200,6 +279,9 @@ class Config(_Strict):
     worker: WorkerSettings = WorkerSettings()
     selftest: SelftestSettings = SelftestSettings()
     retry: RetryPolicy = RetryPolicy()
+    qc: QcSettings = QcSettings()
+    phantom_qa: list[PhantomRule] = []
+    dashboard: DashboardSettings = DashboardSettings()
     path: Path | None = Field(default=None, exclude=True)  # the file it came from (None: embedded defaults)
 
     @model_validator(mode="after")
@@ -215,6 +297,9 @@ class Config(_Strict):
         for source in self.sources:
             if source.profile not in self.profiles:
                 raise ValueError(f"source {source.ae_title!r} names unknown profile {source.profile!r}")
+        rules = [rule.name for rule in self.phantom_qa]
+        if len(set(rules)) != len(rules):
+            raise ValueError("phantom_qa rule names must be unique")
         return self
 
     @property

@@ -1,6 +1,25 @@
 """The job log: the single source of truth for every received image, its deliveries and its history."""
 
-from .jobs import Change, JobLog
-from .tables import DeliverySnapshot, DeliveryStatus, JobEventSnapshot, JobSnapshot, JobStatus
+from .jobs import Change, JobFilter, JobLog
+from .tables import (
+    DeliverySnapshot,
+    DeliveryStatus,
+    JobEventSnapshot,
+    JobSnapshot,
+    JobStatus,
+    QaSessionSnapshot,
+    QaSessionStatus,
+)
 
-__all__ = ["Change", "DeliverySnapshot", "DeliveryStatus", "JobEventSnapshot", "JobLog", "JobSnapshot", "JobStatus"]
+__all__ = [
+    "Change",
+    "DeliverySnapshot",
+    "DeliveryStatus",
+    "JobEventSnapshot",
+    "JobFilter",
+    "JobLog",
+    "JobSnapshot",
+    "JobStatus",
+    "QaSessionSnapshot",
+    "QaSessionStatus",
+]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import InputRefused
@@ -56,6 +56,40 @@ class Change:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a list shows (the CLI's flags, the dashboard's filters, a report's period): every
+    criterion given must hold. `station` matches the station name or the calling AE title."""
+
+    status: JobStatus | str | None = None
+    since: datetime | None = None  # received at or after
+    until: datetime | None = None  # received before
+    station: str | None = None
+    detector: str | None = None
+    profile: str | None = None
+    flagged: bool | None = None  # True: only jobs with a QC flag; False: only jobs without
+    qa_session_id: int | None = None
+
+    def apply(self, query: Select[Any]) -> Select[Any]:
+        if self.status is not None:
+            query = query.where(Job.status == JobStatus(self.status))
+        if self.since is not None:
+            query = query.where(Job.received_at >= self.since)
+        if self.until is not None:
+            query = query.where(Job.received_at < self.until)
+        if self.station:
+            query = query.where(or_(Job.station_name == self.station, Job.calling_ae == self.station))
+        if self.detector:
+            query = query.where(Job.detector_serial == self.detector)
+        if self.profile:
+            query = query.where(Job.profile == self.profile)
+        if self.flagged is not None:
+            query = query.where(Job.qc_flags.is_not(None) if self.flagged else Job.qc_flags.is_(None))
+        if self.qa_session_id is not None:
+            query = query.where(Job.qa_session_id == self.qa_session_id)
+        return query
 
 
 class JobLog:
@@ -243,8 +277,11 @@ class JobLog:
         model_digest: str | None,
         deliveries: Sequence[tuple[str, str]],
         model_name: str | None = None,
+        qc_flags: Sequence[dict[str, Any]] = (),
+        hold: bool = False,
     ) -> bool:
-        """Record the derived image and queue one delivery per (destination, kind), due now.
+        """Record the derived image and its QC, and queue one delivery per (destination, kind), due
+        now — or, with `hold` (a flagged job of a profile that holds them), held until `release`.
 
         Returns False (and changes nothing) when the worker no longer holds the lease: the job's
         new owner records its own, identical result. With no deliveries the job is done at once.
@@ -260,19 +297,21 @@ class JobLog:
             job.derived_path = derived_path
             job.derived_sop_instance_uid = derived_sop_instance_uid
             job.qc = qc
+            job.qc_flags = list(qc_flags) or None
             job.timings = {**(job.timings or {}), **timings}
             job.device = device
             job.model_digest = model_digest
             job.model_name = model_name  # the model a restorer used (resolved when the profile named none)
             job.lease_owner = job.lease_expires_at = None
-            job.status = JobStatus.forwarding
+            hold = hold and bool(qc_flags) and bool(deliveries)
+            job.status = JobStatus.held if hold else JobStatus.forwarding
             session.add_all(
                 Delivery(
                     job_id=job_id,
                     destination=destination,
                     kind=kind,
                     attempts=0,
-                    status=DeliveryStatus.pending,
+                    status=DeliveryStatus.held if hold else DeliveryStatus.pending,
                     next_attempt_at=now,
                 )
                 for destination, kind in deliveries
@@ -281,8 +320,14 @@ class JobLog:
             sends = ", ".join(f"{kind} to {destination}" for destination, kind in deliveries) or "none"
             restore_s = timings.get("total")
             took = f" in {restore_s:.1f} s" if restore_s is not None else ""
-            self._event(session, job_id, "restored", f"restored{took} on {device}; sends queued: {sends}", actor=worker)
-            self._finish_if_delivered(session, job, now)
+            queued = "held until released" if hold else "queued"
+            self._event(
+                session, job_id, "restored", f"restored{took} on {device}; sends {queued}: {sends}", actor=worker
+            )
+            if qc_flags:
+                self._event(session, job_id, "qc-flagged", "; ".join(str(f["message"]) for f in qc_flags), actor=worker)
+            if not hold:
+                self._finish_if_delivered(session, job, now)
             return True
 
     def job_failed(self, job_id: int, worker: str, error: str, *, retry_at: datetime | None) -> bool:
@@ -443,6 +488,8 @@ class JobLog:
                 waited = job.next_attempt_at
                 job.next_attempt_at = now
                 return self._changed(session, job_id, actor, f"processing is due now (was due at {_at(waited)})")
+            if job.status == JobStatus.held:
+                return Change(False, f"job {job_id} is held for QC review: release it or cancel it")
             if job.status == JobStatus.forwarding:
                 waiting = session.scalars(
                     select(Delivery).where(
@@ -491,7 +538,9 @@ class JobLog:
                 CursorResult[Any],
                 session.execute(
                     update(Delivery)
-                    .where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.pending)
+                    .where(
+                        Delivery.job_id == job_id, Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.held])
+                    )
                     .values(status=DeliveryStatus.cancelled)
                 ),
             ).rowcount
@@ -530,6 +579,26 @@ class JobLog:
             job.completed_at = None
             return self._changed(session, job_id, actor, f"derived image queued to {', '.join(targets)}")
 
+    def release(self, job_id: int, actor: str = "command release") -> Change:
+        """Send a held job (QC-flagged, its profile holds flagged images) to its destinations after
+        all: a person looked at it and accepts it. Raises InputRefused for an unknown job."""
+        now = utcnow()
+        with self._transaction() as session:
+            job = self._job(session, job_id)
+            if job.status != JobStatus.held:
+                return Change(False, f"job {job_id} is {job.status}, not held: nothing to release")
+            released = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(Delivery)
+                    .where(Delivery.job_id == job_id, Delivery.status == DeliveryStatus.held)
+                    .values(status=DeliveryStatus.pending, next_attempt_at=now)
+                ),
+            ).rowcount
+            job.status = JobStatus.forwarding
+            self._finish_if_delivered(session, job, now)
+            return self._changed(session, job_id, actor, f"released: {released} held sends queued")
+
     def reprocess(self, job_id: int, actor: str = "command reprocess") -> Change:
         """Restore a job again from its spooled input (after a new model or a corrected calibration):
         queued now, attempts from zero, unsent sends of the old result cancelled. Raises
@@ -541,7 +610,10 @@ class JobLog:
             before = job.status
             session.execute(
                 update(Delivery)
-                .where(Delivery.job_id == job_id, Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.failed]))
+                .where(
+                    Delivery.job_id == job_id,
+                    Delivery.status.in_([DeliveryStatus.pending, DeliveryStatus.failed, DeliveryStatus.held]),
+                )
                 .values(status=DeliveryStatus.cancelled)
             )
             job.status = JobStatus.received
@@ -569,22 +641,27 @@ class JobLog:
             return [JobSnapshot.of(job) for job in jobs]
 
     def list_jobs(
-        self,
-        status: JobStatus | str | None = None,
-        since: datetime | None = None,
-        limit: int | None = 100,
+        self, where: JobFilter | None = None, *, limit: int | None = 100, offset: int = 0, **criteria: Any
     ) -> list[JobSnapshot]:
-        """The newest jobs first, optionally only one status and only those received since `since`.
+        """The newest jobs first that pass `where` (or a JobFilter of `criteria`: status=, since=, …).
 
-        At most `limit` jobs; None: all of them.
+        At most `limit` jobs after skipping `offset`; limit None: all of them.
         """
-        query = select(Job).order_by(Job.id.desc()).limit(limit)
-        if status is not None:
-            query = query.where(Job.status == JobStatus(status))
-        if since is not None:
-            query = query.where(Job.received_at >= since)
+        where = where or JobFilter(**criteria)
+        query = where.apply(select(Job)).order_by(Job.id.desc()).limit(limit).offset(offset)
         with self._read() as session:
             return [JobSnapshot.of(job) for job in session.scalars(query)]
+
+    def count_jobs(self, where: JobFilter | None = None) -> int:
+        with self._read() as session:
+            return int(session.scalar((where or JobFilter()).apply(select(func.count(Job.id)))) or 0)
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only session for reports and dashboards that aggregate over the tables; change
+        nothing through it (state changes go through this class's methods)."""
+        with self._read() as session:
+            yield session
 
     def deliveries(self, job_id: int) -> list[DeliverySnapshot]:
         with self._read() as session:

@@ -24,12 +24,14 @@ class JobStatus(StrEnum):
     received = "received"
     processing = "processing"
     forwarding = "forwarding"
+    held = "held"  # restored, QC-flagged, and its profile holds flagged images until released
     done = "done"
     failed = "failed"
     cancelled = "cancelled"
 
 
 class DeliveryStatus(StrEnum):
+    held = "held"  # waits for its job's release (a QC-flagged job of a profile with hold_flagged)
     pending = "pending"
     sending = "sending"
     sent = "sent"
@@ -112,7 +114,7 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     decoded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     restored_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -124,6 +126,10 @@ class Job(Base):
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     device: Mapped[str | None] = mapped_column(String(64))
     qc: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # QC figures outside their thresholds, [{figure, value, min, max, message}] (revision 0004); [] none
+    qc_flags: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON(none_as_null=True))
+    qa_rule: Mapped[str | None] = mapped_column(String(64))  # the phantom QA rule the image matched
+    qa_session_id: Mapped[int | None] = mapped_column(index=True)  # its QA session, once grouped
 
 
 class Delivery(Base):
@@ -157,6 +163,33 @@ class JobEvent(Base):
     destination: Mapped[str | None] = mapped_column(String(255))
     detail: Mapped[str | None] = mapped_column(Text)
     actor: Mapped[str | None] = mapped_column(String(255))  # the worker, or "command retry", …
+
+
+class QaSessionStatus(StrEnum):
+    open = "open"  # images still arriving (the last less than the rule's quiet_minutes ago)
+    evaluating = "evaluating"  # leased by an evaluator
+    evaluated = "evaluated"
+    failed = "failed"  # evaluation impossible; `error` says why
+
+
+class QaSession(Base):
+    """One phantom QA session: the images of one rule and detector taken together (revision 0004)."""
+
+    __tablename__ = "qa_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    detector_serial: Mapped[str | None] = mapped_column(String(255))
+    station_name: Mapped[str | None] = mapped_column(String(255))
+    first_image_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_image_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[QaSessionStatus] = mapped_column(_status_type(QaSessionStatus, "qa_session_status"))
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(default=0)
+    evaluated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 @dataclass(frozen=True)
@@ -203,6 +236,9 @@ class JobSnapshot:
     timings: dict[str, Any] | None
     device: str | None
     qc: dict[str, Any] | None
+    qc_flags: list[dict[str, Any]] | None
+    qa_rule: str | None
+    qa_session_id: int | None
 
     @classmethod
     def of(cls, job: Job) -> JobSnapshot:
@@ -247,3 +283,26 @@ class JobEventSnapshot:
     @classmethod
     def of(cls, event: JobEvent) -> JobEventSnapshot:
         return cls(**{field.name: getattr(event, field.name) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class QaSessionSnapshot:
+    """A QA session row as it was when read."""
+
+    id: int
+    rule: str
+    detector_serial: str | None
+    station_name: str | None
+    first_image_at: datetime
+    last_image_at: datetime
+    status: QaSessionStatus
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    attempts: int
+    evaluated_at: datetime | None
+    result: dict[str, Any] | None
+    error: str | None
+
+    @classmethod
+    def of(cls, row: QaSession) -> QaSessionSnapshot:
+        return cls(**{field.name: getattr(row, field.name) for field in fields(cls)})
