@@ -204,8 +204,8 @@ class Threshold(_Strict):
 
 DEFAULT_QC_THRESHOLDS: dict[str, Threshold] = {
     # docs/qc.md says what each figure measures and why these bounds
-    "calibration_noise_std": Threshold(min=0.92, max=1.08),
-    "noise_after": Threshold(min=0.75, max=1.3),
+    "calibration_gain_ratio": Threshold(min=0.9, max=1.1),
+    "noise_after": Threshold(max=1.3),
     "mean_ratio": Threshold(min=0.98, max=1.02),
     "method_noise_structure": Threshold(max=0.1),
     "saturated_fraction": Threshold(max=0.01),

@@ -98,9 +98,8 @@ def test_qc_figures(restorations):
     _, _, _, runs = restorations
     qc = runs["plain"][0].qc
     assert 0.15 < qc["breast_fraction"] < 0.3
-    assert 0.85 < qc["gain_ratio"] < 1.15
     assert abs(qc["mean_ratio"] - 1) < 0.01
-    assert 0.5 < qc["gat_residual_std"] < 1.0
+    assert "calibration_noise_std" not in qc  # the common figures are image_qc's: tests/test_qc.py
     assert np.isnan(qc["estimate_variance"])  # measured by the noise-aware blend only
     assert 0 < runs["noise-aware"][0].qc["estimate_variance"] < 0.5
     assert {"mask", "gat", "denoise", "inverse", "blend", "total"} <= runs["plain"][0].timings.keys()

@@ -21,8 +21,10 @@ from dicom_node.config import Config, Profile
 from dicom_node.detectors import noise_model_for
 from dicom_node.errors import ConfigurationError, InputRefused
 from dicom_node.imaging import MammoImage, build_derived
+from dicom_node.qa.flags import qc_flags
 from dicom_node.restore.common import check_shape
 from dicom_node.restore.noise import NoiseModel
+from dicom_node.restore.qc import image_qc
 from dicom_node.restore.registry import Environment, Provenance, check_restorer_options, create_restorer
 
 
@@ -63,6 +65,8 @@ class Processed:
     provenance: Provenance
     qc: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    qc_flags: list[dict[str, Any]] = field(default_factory=list)  # figures outside [qc.thresholds]
+    restored: np.ndarray | None = None  # on the full-dose scale, before rounding (the worker's thumbnails)
 
 
 def environment_of(config: Config) -> Environment:
@@ -138,14 +142,28 @@ def restore_mammogram(
         )
     noise, noise_source = resolve_noise(config, image, overrides)
     restorer = create_restorer(plan.pipeline, environment_of(config), **plan.options)
-    restoration = restorer.restore(image.pixels.astype(np.float64), noise, plan.dose_fraction)
+    raw = image.pixels.astype(np.float64)
+    restoration = restorer.restore(raw, noise, plan.dose_fraction)
 
     started = time.perf_counter()
     top = 2**image.params.bits_stored - 1
     restored = restoration.image
     provenance = restoration.provenance
-    qc = dict(restoration.qc)
-    qc["clipped_fraction"] = float(np.mean((restored < 0) | (restored > top)))
+    spacing = image.params.pixel_spacing_mm
+    qc = {
+        **restoration.qc,
+        **image_qc(
+            raw,
+            restored,
+            noise,
+            plan.dose_fraction,
+            saturation=top,
+            pixel_area_mm2=spacing[0] * spacing[1] if spacing else None,
+        ),
+        "clipped_fraction": float(np.mean((restored < 0) | (restored > top))),
+    }
+    qc_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     dataset = build_derived(
         image.dataset,
         restored,
@@ -158,8 +176,10 @@ def restore_mammogram(
         station_name=station_name or config.node.ae_title,
     )
     timings = dict(restoration.timings)
+    timings["image_qc"] = qc_seconds
     timings["derive"] = time.perf_counter() - started
-    return Processed(dataset, noise, noise_source, provenance, qc, timings)
+    flags = qc_flags(qc, config.qc.effective_thresholds)
+    return Processed(dataset, noise, noise_source, provenance, qc, timings, flags, restored)
 
 
 WARM_UP_SHAPE = (128, 96)  # a small synthetic breast: every restorer's code path, in well under a second
@@ -204,6 +224,7 @@ def report(processed: Processed, plan: Plan) -> dict[str, Any]:
         },
         "sop_instance_uid": str(processed.dataset.SOPInstanceUID),
         "qc": processed.qc,
+        "qc_flags": processed.qc_flags,
     }
 
 

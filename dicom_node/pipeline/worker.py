@@ -27,12 +27,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from dicom_node.config import Config, WorkerSettings
 from dicom_node.errors import ConfigurationError, InputRefused, Unavailable
 from dicom_node.forward.retry import next_attempt_at
-from dicom_node.imaging import read_mammogram, save_dataset
+from dicom_node.imaging import MammoImage, read_mammogram, save_dataset
+from dicom_node.imaging.thumbnails import thumbnail_dir, write_thumbnails
 from dicom_node.joblog import JobLog, JobSnapshot
-from dicom_node.pipeline.processing import Plan, restore_mammogram, warm_up
+from dicom_node.pipeline.processing import Plan, Processed, restore_mammogram, warm_up
+from dicom_node.restore.common import linear_rescale
+from dicom_node.restore.mask import breast_mask
 
 log = logging.getLogger("dicom_node.pipeline.worker")
 
@@ -199,6 +204,7 @@ class Worker:
             job.id, "derived", processed.timings.get("derive", 0.0) + time.perf_counter() - started
         )
 
+        self._write_thumbnails(job, image, processed, plan)
         deliveries = [(name, "derived") for name in profile.destinations]
         if profile.forward_original:
             deliveries += [(name, "original") for name in profile.destinations]
@@ -213,8 +219,28 @@ class Worker:
             model_digest=processed.provenance.model_digest,
             model_name=processed.provenance.model_name,
             deliveries=deliveries,
+            qc_flags=processed.qc_flags,
+            hold=profile.hold_flagged,
         )
         log.info("job %s: restored → %s (%.1f s)", job.id, derived_uid, processed.timings.get("total", 0.0))
+        for flag in processed.qc_flags:
+            log.warning("job %s: QC flag: %s", job.id, flag["message"])
+
+    def _write_thumbnails(self, job: JobSnapshot, image: MammoImage, processed: Processed, plan: Plan) -> None:
+        """Before / after / difference views for the dashboard; a failure here costs the views, not the image."""
+        if processed.restored is None:
+            return
+        try:
+            before = linear_rescale(image.pixels.astype(np.float64), processed.noise, plan.dose_fraction)
+            write_thumbnails(
+                thumbnail_dir(self.config.data_dir, job.id),
+                before,
+                processed.restored,
+                processed.noise.offset,
+                breast_mask(image.pixels, processed.noise),
+            )
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: thumbnails not written: %s", job.id, exc)
 
 
 def run_worker(config: Config, stop: threading.Event | None = None, node_id: str | None = None) -> None:

@@ -254,16 +254,7 @@ def check_noise_correlation(
     if breast.shape != image.shape:
         raise InputRefused(f"the mask is {breast.shape} but the image is {image.shape}")
 
-    usable = ~breast
-    if breast.any():
-        usable &= ndimage.distance_transform_edt(~breast) >= max(16, min(image.shape) // 50)
-    border = max(8, min(image.shape) // 100)
-    usable[:border] = usable[-border:] = False
-    usable[:, :border] = usable[:, -border:] = False
-    usable &= ~_near_saturation(image, noise)
-
-    tile = 64
-    residual, valid, tiles = _plane_residuals(gat_forward(image, noise), usable, tile)
+    residual, valid, tiles = _background_residuals(image, noise, breast)
     sums = []
     for axis in (0, 1):
         first = [slice(None), slice(None)]
@@ -282,6 +273,39 @@ def check_noise_correlation(
     # Bartlett: a lag-1 coefficient's variance is Σ_k ρ(k)²/n for noise of correlation ρ (1/n when white).
     spread = 1.0 if noise.kernel is None else float(np.sqrt(np.sum(_autocorrelation(noise.kernel) ** 2)))
     return NoiseCorrelationCheck(measured, expected, float(spread / np.sqrt(count)), pixels, signal)
+
+
+def background_noise_std(z: np.ndarray, noise: NoiseModel, mask: np.ndarray, min_tiles: int = 4) -> float:
+    """Std of the GAT-domain noise in the direct-exposure background (the region `check_noise_correlation`
+    uses): 1 when λ, σ_e and τ are right, whatever the noise's correlation, since the GAT makes the
+    noise's variance 1 and κ keeps it. No anatomy there, so no texture to remove. The variance is
+    the median over tiles of each tile's variance around its plane (corrected for the plane's 3
+    degrees of freedom): a tile that catches the breast's thin edge, whose signal curves too
+    sharply for a plane, does not move a median. NaN with fewer than `min_tiles` background tiles."""
+    residual, valid, tiles = _background_residuals(np.asarray(z, dtype=np.float64), noise, mask)
+    index = tiles[valid]
+    counts = np.bincount(index)
+    sums = np.bincount(index, weights=residual[valid] ** 2)
+    used = counts > 3
+    if np.count_nonzero(used) < min_tiles:
+        return float("nan")
+    return float(np.sqrt(np.median(sums[used] / (counts[used] - 3))))
+
+
+def _background_residuals(
+    image: np.ndarray, noise: NoiseModel, breast: np.ndarray, tile: int = 64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The GAT-domain background minus a plane per tile (`_plane_residuals`): at least 2 % of the
+    image's smaller side (16 px at least) from the breast, 1 % (8 px at least) from the image's
+    edges, without the pixels near saturation (a clipped background has no noise)."""
+    usable = ~breast
+    if breast.any():
+        usable &= ndimage.distance_transform_edt(~breast) >= max(16, min(image.shape) // 50)
+    border = max(8, min(image.shape) // 100)
+    usable[:border] = usable[-border:] = False
+    usable[:, :border] = usable[:, -border:] = False
+    usable &= ~_near_saturation(image, noise)
+    return _plane_residuals(gat_forward(image, noise), usable, tile)
 
 
 def _near_saturation(image: np.ndarray, noise: NoiseModel) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from dicom_node.errors import ConfigurationError, InputRefused
+from dicom_node.errors import ConfigurationError
 from dicom_node.restore.blend import (
     BLEND_MODES,
     SPECTRAL_PROBES,
@@ -23,7 +23,7 @@ from dicom_node.restore.blend import (
     probe_responses,
     spectral_blend,
 )
-from dicom_node.restore.calibration import check_noise_correlation, estimate_noise_from_image
+from dicom_node.restore.calibration import check_noise_correlation
 from dicom_node.restore.common import BreastBox, linear_rescale, mean_ratio, validated_input
 from dicom_node.restore.deep.denoiser import NetworkDenoiser
 from dicom_node.restore.denoisers import Denoiser, get_denoiser
@@ -101,20 +101,15 @@ class GatBm3dRestorer:
     bias (B² ≈ 0.3–1 %); it is kept to compare against. Chosen per profile. docs/robustness.md has
     every figure.
 
-    QC figures (`Restoration.qc`; NaN where undefined, e.g. no breast found or r = 1):
+    QC figures (`Restoration.qc`; NaN where undefined, e.g. no breast found or r = 1), besides the
+    common ones every restoration gets (`dicom_node.restore.qc.image_qc`, docs/qc.md):
     - breast_fraction: fraction of the image inside the breast mask;
     - bbox_pixels: pixels in the breast's bounding box (what the denoiser is given);
-    - gat_residual_std: std of f(z) − D in the breast; below 1 (the estimate keeps some noise)
-      when the noise model fits, clearly above 1 when structure was removed or λ is too small;
     - estimate_variance: the estimate's noise variance relative to the input's, mean in the
       breast (spectral and noise-aware blends);
     - low_dose_weight: mean ω₁ in the breast (spectral: the input's noise-weighted mean weight, ×1/r);
     - predicted_noise_ratio: the output's noise / full-dose noise the spectral blend predicts from
       its statistics (1 when reached; above 1 when no blend reaches it);
-    - estimated_gain, gain_ratio: λ estimated from this image alone, and its ratio to the
-      configured λ (≈1 when the calibration still holds). The estimate assumes white noise: with
-      correlated noise (a kernel) its high-pass misses most of the noise and the ratio reads far
-      below 1 (near 0 at 3×3 crosstalk 0.5), so it is no check of the calibration there;
     - noise_correlation, noise_correlation_expected: the lag-1 correlation of the GAT-domain noise
       in the image's direct-exposure background (mean of vertical and horizontal) and the one the
       configured kernel κ implies (0 for white noise); noise_correlation_difference is the larger
@@ -154,7 +149,7 @@ class GatBm3dRestorer:
         box_noise = breast.crop_noise(noise)
         box_mask = breast.box_mask
         box = breast.crop(raw)
-        residual_std = estimate_variance = low_dose_weight = predicted_noise_ratio = np.nan
+        estimate_variance = low_dose_weight = predicted_noise_ratio = np.nan
         if box.size and dose_fraction < 1:
             gat_image = gat_forward(box, box_noise)
             lap("gat")
@@ -180,15 +175,13 @@ class GatBm3dRestorer:
                 image[breast.rows, breast.cols] = combine(box, estimate, noise.offset, w_low, w_estimate)
                 low_dose_weight = float(np.mean(w_low[box_mask]))
             lap("blend")
-            residual_std = float(np.std((gat_image - gat_estimate)[box_mask]))
 
         qc = {
             **breast.qc(),
-            "gat_residual_std": residual_std,
             "estimate_variance": estimate_variance,
             "low_dose_weight": low_dose_weight,
             "predicted_noise_ratio": predicted_noise_ratio,
-            **_calibration_check(raw, noise, breast.mask),
+            **_correlation_check(raw, noise, breast.mask),
             "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, breast.mask),
         }
         lap("qc")
@@ -222,16 +215,9 @@ def _create(options: GatBm3dOptions, environment: Environment) -> GatBm3dRestore
     )
 
 
-def _calibration_check(raw: np.ndarray, noise: NoiseModel, mask: np.ndarray) -> dict[str, float]:
-    configured = float(np.mean(np.broadcast_to(noise.gain, raw.shape)[mask])) if mask.any() else np.nan
-    try:
-        estimated, _ = estimate_noise_from_image(raw, noise.offset, mask, noise.electronic_noise**2)
-    except InputRefused:  # too small a breast for the estimate: the figure is undefined, not an error
-        estimated = np.nan
+def _correlation_check(raw: np.ndarray, noise: NoiseModel, mask: np.ndarray) -> dict[str, float]:
     correlation = check_noise_correlation(raw, noise, mask)
     return {
-        "estimated_gain": estimated,
-        "gain_ratio": estimated / configured,
         "noise_correlation": float(np.mean(correlation.measured)),
         "noise_correlation_expected": float(np.mean(correlation.expected)),
         "noise_correlation_difference": correlation.difference,

@@ -60,11 +60,15 @@ class DeepRestorer:
     denoiser), blended by `blend`: empty, "plain" for a model trained through it (loss "protocol"),
     else "spectral"; its QC figures are gat-bm3d's plus the two below.
 
-    QC figures (`Restoration.qc`; NaN where undefined):
+    QC figures (`Restoration.qc`; NaN where undefined), besides the common ones every restoration
+    gets (`dicom_node.restore.qc.image_qc`):
     - breast_fraction: fraction of the image inside the breast mask;
     - mean_ratio: restored mean / ((z − τ)/r) mean in the breast, offsets removed (≈1: unbiased);
     - dose_fraction_mismatch: |model's dose fraction − requested| (0, or the restore refuses);
-    - model_dose_fraction: the dose fraction the model was trained for.
+    - model_dose_fraction: the dose fraction the model was trained for;
+    - model_validation_<figure>: each number of the model card's validation figures (PSNR, SSIM,
+      loss, …, as the trainer measured them on its held-out images), so a job names the quality
+      its model was validated at.
 
     Timings (seconds): load (resolve, and read the model unless cached), normalise, inference,
     denormalise, qc, total.
@@ -131,6 +135,7 @@ class DeepRestorer:
             "mean_ratio": mean_ratio(image, raw, noise, dose_fraction, breast.mask),
             "dose_fraction_mismatch": abs(model_dose - dose_fraction),
             "model_dose_fraction": model_dose,
+            **validation_figures(card),
         }
         lap("qc")
         provenance = Provenance(
@@ -159,8 +164,22 @@ class DeepRestorer:
             model_name=name,
             model_digest=card.weights_sha256,
         )
-        qc = {**result.qc, "dose_fraction_mismatch": 0.0, "model_dose_fraction": dose_fraction}
+        qc = {
+            **result.qc,
+            "dose_fraction_mismatch": 0.0,
+            "model_dose_fraction": dose_fraction,
+            **validation_figures(card),
+        }
         return Restoration(image=result.image, provenance=provenance, qc=qc, timings=result.timings)
+
+
+def validation_figures(card: ModelCard) -> dict[str, float]:
+    """The card's numeric validation figures as QC figures, model_validation_<name>."""
+    return {
+        f"model_validation_{key}": float(value)
+        for key, value in (card.validation or {}).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"
+    }
 
 
 @register_restorer("deep", DeepOptions)
