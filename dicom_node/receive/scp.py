@@ -29,6 +29,7 @@ from dicom_node.config import Config
 from dicom_node.errors import InputRefused, NodeError, Unavailable
 from dicom_node.imaging.read import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PROCESSING
 from dicom_node.joblog import JobLog
+from dicom_node.receive import counters
 from dicom_node.receive.allowlist import (
     CALLED_AE_NOT_RECOGNISED,
     LOCAL_LIMIT_EXCEEDED,
@@ -299,11 +300,13 @@ class StorageSCP:
             log.exception("association %s@%s rejected: admission check failed", calling_ae, host)
             rejection = NO_REASON_TRANSIENT
         if rejection is not None:
+            counters.associations_rejected.labels(reason=counters.rejection_reason(rejection)).inc()
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
             assoc.kill()
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejection: in this node only max_associations leads there."""
+        counters.associations_rejected.labels(reason=counters.ASSOCIATION_LIMIT).inc()
         reply = _primitive(event.assoc.acceptor.primitive, "acceptor")
         log.warning(
             "association %s@%s rejected by the association limit (%d): result %d, source %d, reason %d",
@@ -319,6 +322,7 @@ class StorageSCP:
         """Log the association; when it can store nothing here, also what it proposed (IT's first question)."""
         assoc = event.assoc
         requestor = assoc.requestor
+        counters.associations_accepted.inc()
         log.info("association %s@%s:%d accepted", requestor.ae_title, requestor.address, requestor.port)
         if assoc.rejected_contexts and not any(
             cx.abstract_syntax in STORAGE_SOP_CLASSES for cx in assoc.accepted_contexts
@@ -334,6 +338,8 @@ class StorageSCP:
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         requestor = event.assoc.requestor
+        if how == "aborted":
+            counters.associations_aborted.inc()
         log.info("association %s@%s %s", requestor.ae_title, requestor.address, how)
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -393,7 +399,9 @@ class StorageSCP:
                     host,
                     code,
                 )
+            counters.store_requests.labels(status=counters.status_class(code)).inc()
             return _status(code, comment)
+        counters.store_requests.labels(status="success").inc()
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if job_id is None:
             log.info(
