@@ -17,7 +17,7 @@ from dicom_node.restore.gat import gat_forward
 from dicom_node.restore.gat_bm3d import GatBm3dRestorer
 from dicom_node.restore.mask import breast_mask
 from dicom_node.restore.noise import NoiseModel
-from dicom_node.restore.qc import calibration_check, image_qc, mean_snr, restoration_qc
+from dicom_node.restore.qc import calibration_check, image_qc, restoration_qc
 from dicom_node.sim.acquisition import acquire, crosstalk_kernel
 from dicom_node.sim.phantom import make_phantom
 
@@ -149,10 +149,12 @@ def test_image_qc_adds_the_breast_area_and_the_saturated_fraction():
     assert math.isnan(figures["breast_area_cm2"]) and math.isnan(figures["saturated_fraction"])
 
 
-def test_mean_snr_is_the_mean_over_boxes_of_mean_over_std():
+def test_snr_is_the_mean_over_15_px_boxes_of_mean_over_std():
     rng = np.random.default_rng(7150)
-    image = 400.0 + rng.normal(0.0, 20.0, (200, 200))
-    assert mean_snr(image, np.ones(image.shape, dtype=bool)) == pytest.approx(20.0, rel=0.03)
+    image = 400.0 + rng.normal(0.0, 20.0, (400, 400))
+    figures = restoration_qc(image, image / 2, NoiseModel(1.0, 0.0, 0.0), 1.0, np.ones(image.shape, dtype=bool))
+    assert figures["snr_before"] == pytest.approx(20.0, rel=0.03)  # 400 / 20, a box's std slightly below 20
+    assert figures["snr_after"] == pytest.approx(figures["snr_before"], rel=1e-9)  # scaling keeps the SNR
 
 
 def test_flags_say_which_figure_and_by_how_much_and_skip_what_was_not_measured():
@@ -233,7 +235,7 @@ def test_the_worker_stores_figures_flags_and_thumbnails_and_holds_only_when_the_
 
     # a threshold this restoration cannot meet, so the job is flagged
     config, joblog, worker = worker_for(
-        tmp_path, f"hold_flagged = {str(hold).lower()}\n[qc.thresholds.snr_after]\nmax = 1.0\n"
+        tmp_path, f"hold_flagged = {str(hold).lower()}\n[qc.thresholds.mean_ratio]\nmax = 0.5\n"
     )
     job_id = queue_image(tmp_path, joblog)
     assert worker.run_once()
@@ -246,8 +248,8 @@ def test_the_worker_stores_figures_flags_and_thumbnails_and_holds_only_when_the_
         "snr_after",
         "mean_ratio",
     } <= job.qc.keys()
-    assert job.qc_flags is not None and [f["figure"] for f in job.qc_flags] == ["snr_after"]
-    assert "snr_after" in [e.detail for e in joblog.events(job_id) if e.kind == "qc-flagged"][0]
+    assert job.qc_flags is not None and [f["figure"] for f in job.qc_flags] == ["mean_ratio"]
+    assert "mean_ratio" in [e.detail for e in joblog.events(job_id) if e.kind == "qc-flagged"][0]
     for kind in THUMBNAIL_KINDS:
         assert (thumbnail_dir(config.data_dir, job_id) / f"{kind}.png").stat().st_size > 100
     statuses = {d.status for d in joblog.deliveries(job_id)}

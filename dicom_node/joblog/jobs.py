@@ -12,7 +12,7 @@ those (BEGIN IMMEDIATE), PostgreSQL locks the row and lets other claimers skip i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +34,9 @@ from .tables import (
     JobEventSnapshot,
     JobSnapshot,
     JobStatus,
+    QaSession,
+    QaSessionSnapshot,
+    QaSessionStatus,
 )
 
 STAGES = {"decoded": "decode", "restored": "restore", "derived": "derive"}
@@ -747,6 +750,227 @@ class JobLog:
         if unfinished == 0:
             job.status = JobStatus.done
             job.completed_at = now
+
+    # --- phantom QA sessions -------------------------------------------------------------------
+
+    def mark_phantom_image(self, job_id: int, rule: str, quiet_minutes: float, at: datetime | None = None) -> int:
+        """Record that a job's image matched phantom QA `rule` and put it into a QA session; returns
+        the session's id.
+
+        A session holds the images of one rule and one detector with no gap longer than
+        `quiet_minutes`: the image joins the open session whose span it falls within (that much
+        before its first image or after its last), else it opens a new one. The image's time is
+        `at`, by default when the job was received (when the modality sent it, whatever the queue's
+        backlog). Marking a job twice changes nothing: a reprocessed image stays in its session.
+        """
+        quiet = timedelta(minutes=quiet_minutes)
+        with self._transaction() as session:
+            job = self._job(session, job_id)
+            if job.qa_session_id is not None:
+                return job.qa_session_id
+            at = at or job.received_at
+            same_detector = (
+                QaSession.detector_serial.is_(None)
+                if job.detector_serial is None
+                else QaSession.detector_serial == job.detector_serial
+            )
+            row = session.scalars(
+                select(QaSession)
+                .where(
+                    QaSession.rule == rule,
+                    same_detector,
+                    QaSession.status == QaSessionStatus.open,
+                    QaSession.first_image_at <= at + quiet,
+                    QaSession.last_image_at >= at - quiet,
+                )
+                .order_by(QaSession.last_image_at.desc())
+                .limit(1)
+                .with_for_update()
+            ).first()
+            if row is None:
+                row = QaSession(
+                    rule=rule,
+                    detector_serial=job.detector_serial,
+                    station_name=job.station_name,
+                    first_image_at=at,
+                    last_image_at=at,
+                    status=QaSessionStatus.open,
+                    attempts=0,
+                )
+                session.add(row)
+                session.flush()
+            else:
+                row.first_image_at = min(row.first_image_at, at)
+                row.last_image_at = max(row.last_image_at, at)
+            job.qa_rule = rule
+            job.qa_session_id = row.id
+            self._event(session, job_id, "phantom-qa", f"phantom QA rule {rule!r}: QA session {row.id}")
+            return row.id
+
+    def claim_qa_session(
+        self,
+        owner: str,
+        lease_s: float,
+        quiet_minutes: Mapping[str, float],
+        now: datetime | None = None,
+    ) -> QaSessionSnapshot | None:
+        """Take the QA session due first for evaluation, counting an attempt.
+
+        A session is due when it is open and its last image is more than its rule's quiet period
+        old (`quiet_minutes`: rule name → minutes, from the configuration; sessions of a rule not
+        given are left alone), and no image received before that period ended is still waiting to
+        be decoded (it may be one of the session's, not yet matched). Sessions whose evaluator
+        stopped renewing its lease are first given back, or failed once they had `max_attempts`.
+        """
+        now = now or utcnow()
+        with self._transaction() as session:
+            self._expire_qa_leases(session, now)
+            if not quiet_minutes:
+                return None
+            undecoded = session.scalar(
+                select(func.min(Job.received_at)).where(
+                    Job.status.in_([JobStatus.received, JobStatus.processing]), Job.decoded_at.is_(None)
+                )
+            )
+            horizon = now if undecoded is None else min(now, undecoded)
+            quiet_over = or_(
+                *(
+                    and_(QaSession.rule == rule, QaSession.last_image_at < horizon - timedelta(minutes=minutes))
+                    for rule, minutes in quiet_minutes.items()
+                )
+            )
+            row = session.scalars(
+                select(QaSession)
+                .where(QaSession.status == QaSessionStatus.open, quiet_over)
+                .order_by(QaSession.last_image_at, QaSession.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if row is None:
+                return None
+            row.status = QaSessionStatus.evaluating
+            row.lease_owner = owner
+            row.lease_expires_at = now + timedelta(seconds=lease_s)
+            row.attempts += 1
+            return QaSessionSnapshot.of(row)
+
+    def renew_qa_session(self, session_id: int, owner: str, lease_s: float) -> bool:
+        """Extend an evaluation's lease; False means the evaluator lost the session: stop evaluating it."""
+        with self._transaction() as session:
+            result = cast(
+                CursorResult[Any],
+                session.execute(
+                    update(QaSession)
+                    .where(
+                        QaSession.id == session_id,
+                        QaSession.status == QaSessionStatus.evaluating,
+                        QaSession.lease_owner == owner,
+                    )
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+                ),
+            )
+            return result.rowcount == 1
+
+    def qa_session_evaluated(self, session_id: int, owner: str, result: dict[str, Any]) -> bool:
+        """Store a session's figures (strict-JSON-able); False (nothing changed) without the lease."""
+        with self._transaction() as session:
+            row = self._leased_qa_session(session, session_id, owner)
+            if row is None:
+                return False
+            row.status = QaSessionStatus.evaluated
+            row.result = result
+            row.error = None
+            row.evaluated_at = utcnow()
+            row.lease_owner = row.lease_expires_at = None
+            return True
+
+    def qa_session_failed(self, session_id: int, owner: str, error: str, *, retry: bool = False) -> bool:
+        """Record why a session could not be evaluated: failed for good, or (`retry`, for an internal
+        error below the attempts cap) open again and due at once. False without the lease."""
+        with self._transaction() as session:
+            row = self._leased_qa_session(session, session_id, owner)
+            if row is None:
+                return False
+            row.error = error
+            row.lease_owner = row.lease_expires_at = None
+            row.status = QaSessionStatus.open if retry else QaSessionStatus.failed
+            row.evaluated_at = None if retry else utcnow()
+            return True
+
+    def qa_session_released(self, session_id: int, owner: str) -> bool:
+        """Give a session back unevaluated, the attempt not counted (its evaluator stepped aside for
+        clinical images); due again at once. False without the lease."""
+        with self._transaction() as session:
+            row = self._leased_qa_session(session, session_id, owner)
+            if row is None:
+                return False
+            row.status = QaSessionStatus.open
+            row.attempts -= 1
+            row.lease_owner = row.lease_expires_at = None
+            return True
+
+    def get_qa_session(self, session_id: int) -> QaSessionSnapshot | None:
+        with self._read() as session:
+            row = session.get(QaSession, session_id)
+            return None if row is None else QaSessionSnapshot.of(row)
+
+    def qa_sessions(
+        self,
+        *,
+        detector: str | None = None,
+        rule: str | None = None,
+        status: QaSessionStatus | str | None = None,
+        limit: int | None = 100,
+    ) -> list[QaSessionSnapshot]:
+        """The newest QA sessions first (by their first image), of one detector, rule or status if given."""
+        query = select(QaSession)
+        if detector is not None:
+            query = query.where(QaSession.detector_serial == detector)
+        if rule is not None:
+            query = query.where(QaSession.rule == rule)
+        if status is not None:
+            query = query.where(QaSession.status == QaSessionStatus(status))
+        query = query.order_by(QaSession.first_image_at.desc(), QaSession.id.desc()).limit(limit)
+        with self._read() as session:
+            return [QaSessionSnapshot.of(row) for row in session.scalars(query)]
+
+    def qa_session_jobs(self, session_id: int) -> list[JobSnapshot]:
+        """The jobs (images) of a QA session, oldest first."""
+        with self._read() as session:
+            jobs = session.scalars(select(Job).where(Job.qa_session_id == session_id).order_by(Job.id))
+            return [JobSnapshot.of(job) for job in jobs]
+
+    def jobs_due(self, now: datetime | None = None) -> int:
+        """How many jobs a worker could claim now: a QA evaluation steps aside while there are any."""
+        now = now or utcnow()
+        due = and_(Job.status == JobStatus.received, or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
+        with self._read() as session:
+            return int(session.scalar(select(func.count(Job.id)).where(due)) or 0)
+
+    @staticmethod
+    def _leased_qa_session(session: Session, session_id: int, owner: str) -> QaSession | None:
+        row = session.get(QaSession, session_id)
+        if row is None:
+            raise InputRefused(f"no QA session {session_id}")
+        if row.status != QaSessionStatus.evaluating or row.lease_owner != owner:
+            return None
+        return row
+
+    def _expire_qa_leases(self, session: Session, now: datetime) -> None:
+        """Sessions whose evaluator stopped renewing its lease: open again, or failed at `max_attempts`."""
+        expired = session.scalars(
+            select(QaSession).where(QaSession.status == QaSessionStatus.evaluating, QaSession.lease_expires_at < now)
+        ).all()
+        for row in expired:
+            reason = f"evaluator {row.lease_owner} stopped renewing its lease"
+            row.lease_owner = row.lease_expires_at = None
+            if row.attempts >= self.max_attempts:
+                row.status = QaSessionStatus.failed
+                row.error = f"{reason} on {row.attempts} attempts"
+                row.evaluated_at = now
+            else:
+                row.status = QaSessionStatus.open
+                row.error = reason
 
 
 def _at(moment: datetime) -> str:

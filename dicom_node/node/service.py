@@ -22,6 +22,7 @@ import time
 import uuid
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.config import Config
 from dicom_node.files import write_atomically
@@ -30,6 +31,9 @@ from dicom_node.joblog import JobLog
 from dicom_node.node.schedule import build_scheduler
 from dicom_node.receive import StorageSCP
 from dicom_node.tools.selftest import with_selftest
+
+if TYPE_CHECKING:
+    from dicom_node.qa.web import DashboardServer
 
 log = logging.getLogger("dicom_node.node.service")
 
@@ -83,12 +87,17 @@ class Node:
         self._context = multiprocessing.get_context("spawn")
         self.workers: list[SpawnProcess] = []
         self.restarts = 0
+        self.dashboard: DashboardServer | None = None
 
     @property
     def port(self) -> int:
         return self.receiver.port
 
     def start(self) -> None:
+        if self.config.dashboard.enabled:  # first: a port in use stops the start before anything runs
+            from dicom_node.qa.web import start_dashboard
+
+            self.dashboard = start_dashboard(self.config, self.joblog)
         # jobs this node's previous run held (it was killed, or lost power): back now, not after their lease
         for job_id in self.joblog.hand_back(f"{self.node_id}/", "the node stopped while it held the job", prefix=True):
             log.warning("job %s: held when the node last stopped; given back to the queue", job_id)
@@ -131,6 +140,8 @@ class Node:
     def stop(self) -> None:
         grace = self.config.worker.stop_grace_s
         log.info("stopping node: workers have %g s to finish the job in hand", grace)
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.receiver.stop()
         self.scheduler.shutdown(wait=True)
         for process in self.workers:

@@ -36,6 +36,7 @@ from dicom_node.imaging import MammoImage, read_mammogram, save_dataset
 from dicom_node.imaging.thumbnails import thumbnail_dir, write_thumbnails
 from dicom_node.joblog import JobLog, JobSnapshot
 from dicom_node.pipeline.processing import Plan, Processed, restore_mammogram, warm_up
+from dicom_node.qa.phantom import evaluate_due_sessions, match_rule
 from dicom_node.restore.common import linear_rescale
 from dicom_node.restore.mask import breast_mask
 
@@ -137,7 +138,10 @@ class Worker:
         for problem in warm_up(self.config):
             log.warning("worker %s: %s", self.name, problem)
         while not stop.is_set():
-            if not self.run_once():
+            # idle: evaluate a due phantom QA session, stepping aside as soon as a job is due
+            if not self.run_once() and not evaluate_due_sessions(
+                self.config, self.joblog, self.name, yield_to=lambda: stop.is_set() or self.joblog.jobs_due() > 0
+            ):
                 stop.wait(IDLE_POLL_S)
         log.info("worker %s stopped", self.name)
 
@@ -190,6 +194,10 @@ class Worker:
         )
         started = time.perf_counter()
         image = read_mammogram(Path(job.input_path))
+        # before "decoded": a session is not evaluated while one of its images may still be undecoded
+        rule = match_rule(self.config.phantom_qa, image.dataset)
+        if rule is not None:
+            self.joblog.mark_phantom_image(job.id, rule.name, rule.quiet_minutes)
         self.joblog.record_stage(job.id, "decoded", time.perf_counter() - started)
 
         processed = restore_mammogram(image, self.config, plan)
