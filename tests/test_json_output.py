@@ -15,7 +15,8 @@ from dicom_node.imaging import raw_mammogram_dataset, save_dataset
 from dicom_node.joblog import JobLog
 
 # The commands with --json, as the CLI spells them, and the test below that parses each one's output.
-COVERED = {("process",), ("jobs",), ("jobs", "show")}
+# qa-phantom and qa-sessions are parsed as strictly in tests/test_phantom_qa.py
+COVERED = {("process",), ("jobs",), ("jobs", "show"), ("qa-phantom",), ("qa-sessions",)}
 
 
 def strict_loads(text: str):

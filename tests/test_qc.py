@@ -261,3 +261,27 @@ def test_the_worker_stores_figures_flags_and_thumbnails_and_holds_only_when_the_
         assert not joblog.release(job_id, actor="test")  # nothing held any more
     else:
         assert job.status == "forwarding" and statuses == {"pending"}
+
+
+def test_flagged_jobs_are_listed_by_jobs_flagged_and_released_by_the_release_command(tmp_path, capsys):
+    from dicom_node.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--config", str(tmp_path / "node.toml")])
+        out, err = capsys.readouterr()
+        return int(info.value.code or 0), out, err
+
+    _, joblog, worker = worker_for(tmp_path, "hold_flagged = true\n[qc.thresholds.mean_ratio]\nmax = 0.5\n")
+    job_id = queue_image(tmp_path, joblog)
+    assert worker.run_once()
+    code, out, _ = run("jobs", "--flagged")
+    assert code == 0 and f"{job_id:>6}" in out and "held" in out and "QC: mean_ratio" in out
+    code, out, err = run("jobs", "--not-flagged")
+    assert code == 0 and "no jobs" in err
+    code, out, _ = run("jobs", "show", str(job_id))
+    assert "QC flag    mean_ratio" in out
+    code, out, _ = run("release", str(job_id))
+    assert code == 0 and "released: 1 held sends queued" in out
+    code, _, err = run("release", str(job_id))
+    assert code == 1 and "not held: nothing to release" in err

@@ -1,8 +1,9 @@
 """Every `dicom-node` command, grouped by audience; each one parses, calls and prints.
 
 - `node`: running the node (serve, worker, check-config, echo, selftest), for radiology IT;
-- `jobs`: the job log (jobs, show, retry, cancel, resend, reprocess), for radiology IT;
-- `tools`: offline tools (process, phantom, calibrate, demo).
+- `jobs`: the job log (jobs, show, retry, cancel, resend, release, reprocess), for radiology IT;
+- `tools`: offline tools (process, phantom, calibrate, demo);
+- `report`, `phantom_qa` (qa-phantom, qa-sessions), `dashboard` (hash-password): for QA staff.
 
 A user error (bad file, bad config, bad flag) ends as one line on stderr and a non-zero exit;
 set DICOM_NODE_DEBUG=1 to see the traceback of an unexpected failure.
@@ -26,6 +27,7 @@ for command in (
     jobs.retry,
     jobs.cancel,
     jobs.resend,
+    jobs.release,
     jobs.reprocess,
     tools.process,
     tools.phantom,

@@ -1,5 +1,5 @@
-"""The job log, for radiology IT: list jobs, show one with its history, retry, cancel, resend or
-reprocess one. Each command says what it changed and exits 1 when it changed nothing; they call
+"""The job log, for radiology IT: list jobs, show one with its history, retry, cancel, resend,
+release or reprocess one. Each command says what it changed and exits 1 when it changed nothing; they call
 the same `JobLog` functions a web page will."""
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def jobs(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only jobs in this state.")] = None,
     since: Annotated[Optional[str], typer.Option(help="Only jobs received since: 30m, 12h, 2d or an ISO date.")] = None,
+    station: Annotated[Optional[str], typer.Option(help="Only jobs of this station name or calling AE.")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="Only jobs of this detector serial.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Only jobs of this profile.")] = None,
+    flagged: Annotated[
+        Optional[bool], typer.Option("--flagged/--not-flagged", help="Only jobs with (without) a QC flag.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON array: every field, with each job's sends.")
@@ -58,7 +64,15 @@ def jobs(
             f"must be one of {', '.join(s.value for s in JobStatus)}, got {status!r}", param_hint="--status"
         )
     joblog = open_joblog(config, quiet=as_json)
-    found = joblog.list_jobs(status=status, since=parse_since(since), limit=limit)
+    found = joblog.list_jobs(
+        status=status,
+        since=parse_since(since),
+        station=station,
+        detector=detector,
+        profile=profile,
+        flagged=flagged,
+        limit=limit,
+    )
     if as_json:
         print_json([{**asdict(job), "deliveries": [asdict(d) for d in joblog.deliveries(job.id)]} for job in found])
         return
@@ -74,6 +88,8 @@ def jobs(
         restore = f"{job.restore_s:.1f} s" if job.restore_s is not None else "-"
         sends = "; ".join(describe_delivery(d) for d in joblog.deliveries(job.id))
         error = f"  {job.last_error}" if job.last_error and job.status != "done" else ""
+        if job.qc_flags:
+            error += f"  QC: {'; '.join(str(flag['message']) for flag in job.qc_flags)}"
         typer.echo(
             f"{job.id:>6}  {received:<19}  {str(job.status):<10} {job.attempts:>5}  {job.calling_ae or '-':<16} "
             f"{job.profile or '-':<12} {restore:>8}  {sends or '-'}{error}"
@@ -109,6 +125,7 @@ def show(
         + (f", model {job.model_name}" if job.model_name else ""),
         f"  stages     {stages or '-'}",
         f"  derived    {job.derived_sop_instance_uid or '-'}",
+        *(f"  QC flag    {flag['message']}" for flag in job.qc_flags or []),
         "  sends:" if deliveries else "  sends: none",
         *(f"    {describe_delivery(d)}" for d in deliveries),
         "  history:",
@@ -189,6 +206,11 @@ def resend(
             f"no destination {', '.join(map(repr, unknown))}; configured: {', '.join(sorted(known))}", param_hint="--to"
         )
     return _said(open_joblog(config, quiet=True).resend(job_id, to))
+
+
+def release(job_id: JobArgument, config: ConfigOption = None) -> int:
+    """Send a job held for QC review (its profile holds flagged images) after all. Exit 1 when it is not held."""
+    return _said(open_joblog(config, quiet=True).release(job_id))
 
 
 def reprocess(job_id: JobArgument, config: ConfigOption = None) -> int:

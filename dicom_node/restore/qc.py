@@ -53,7 +53,8 @@ class Tiles:
             return None
         step = TILE // 2
         inside = sliding_window_view(mask, (side, side))[::step, ::step].all(axis=(2, 3))
-        return cls._spread(*np.nonzero(inside), step, MIN_TILES)
+        rows, cols = np.nonzero(inside)
+        return cls._spread(rows, cols, step, MIN_TILES)
 
     @classmethod
     def covering(cls, mask: np.ndarray) -> Tiles | None:
