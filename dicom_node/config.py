@@ -246,7 +246,14 @@ class PhantomRule(_Strict):
 
 class DashboardUser(_Strict):
     role: Literal["qa", "admin"]  # qa: read only; admin: also retry, cancel, resend, reprocess, release
-    password_hash: str = Field(min_length=1)  # made by `dicom-node hash-password`; never the password
+    password_hash: str  # made by `dicom-node hash-password`; never the password itself
+
+    @field_validator("password_hash")
+    @classmethod
+    def _a_hash(cls, value: str) -> str:
+        if not re.fullmatch(r"scrypt\$[0-9]+\$[0-9]+\$[0-9]+\$[A-Za-z0-9_-]+\$[A-Za-z0-9_-]+", value):
+            raise ValueError("not a line from `dicom-node hash-password` (a password is never stored as it is)")
+        return value
 
 
 class DashboardSettings(_Strict):
@@ -357,7 +364,12 @@ def describe_validation_error(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        elif "input" in item and item["type"] not in ("missing",) and not isinstance(item["input"], dict):
+        elif (
+            "input" in item
+            and item["type"] not in ("missing",)
+            and not isinstance(item["input"], dict)
+            and item["loc"][-1] != "password_hash"  # it may be a password pasted by mistake: never echoed
+        ):
             message = f"{message} (got {item['input']!r})"
         parts.append(f"{key}: {message}" if key else message)
     return "; ".join(parts)

@@ -167,3 +167,14 @@ def test_selftest_from_a_folder_without_the_job_log_says_so(capsys, tmp_path, mo
         "runs, or pass its --config"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dashboard_password_pasted_as_its_hash_is_refused_without_echoing_it():
+    from dicom_node.config import parse_config
+
+    with pytest.raises(ConfigurationError) as info:
+        parse_config({"dashboard": {"users": {"ann": {"role": "qa", "password_hash": "hunter2secret"}}}})
+    assert "dashboard.users.ann.password_hash: not a line from `dicom-node hash-password`" in str(info.value)
+    assert "hunter2secret" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="an enabled dashboard needs at least one user"):
+        parse_config({"dashboard": {"enabled": True}})

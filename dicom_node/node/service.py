@@ -102,7 +102,12 @@ class Node:
         for job_id in self.joblog.hand_back(f"{self.node_id}/", "the node stopped while it held the job", prefix=True):
             log.warning("job %s: held when the node last stopped; given back to the queue", job_id)
         self.joblog.reclaim_expired()  # and any other worker's that ran out
-        self.receiver.start()
+        try:
+            self.receiver.start()
+        except BaseException:  # e.g. the DICOM port is taken: the dashboard does not outlive a failed start
+            if self.dashboard is not None:
+                self.dashboard.stop()
+            raise
         self.scheduler.start()
         self.workers = [self._start_worker(i) for i in range(self.config.worker.count)]
         log.info(
