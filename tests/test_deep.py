@@ -303,7 +303,8 @@ def half_dose():
 
 
 def test_identity_network_gives_the_linear_rescale(tmp_path, half_dose):
-    card = save_model(tmp_path, "identity", identity())
+    validation = {"psnr": 41.5, "ssim": 0.93, "loss": 0.01, "epoch": 12, "low_dose_input": None}
+    card = save_model(tmp_path, "identity", identity(), validation=validation)
     restorer = create_restorer("deep", Environment(device="cpu", model_dir=tmp_path), model="identity", tile=32)
     assert isinstance(restorer, DeepRestorer) and restorer.name == "deep"
     assert restorer.device == "cpu"
@@ -317,6 +318,9 @@ def test_identity_network_gives_the_linear_rescale(tmp_path, half_dose):
     assert restoration.qc["mean_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert restoration.qc["dose_fraction_mismatch"] == 0.0
     assert 0.2 < restoration.qc["breast_fraction"] < 0.95
+    # the card's validation figures travel with each job (the epoch and non-numbers do not)
+    validated = {key: value for key, value in restoration.qc.items() if key.startswith("model_validation_")}
+    assert validated == {"model_validation_psnr": 41.5, "model_validation_ssim": 0.93, "model_validation_loss": 0.01}
     assert set(restoration.timings) == {"load", "normalise", "inference", "denormalise", "qc", "total"}
 
 
