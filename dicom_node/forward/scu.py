@@ -25,6 +25,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
@@ -174,13 +176,25 @@ def _exchange(
     def on_connection_open(event: evt.Event) -> None:
         state["assoc"] = event.assoc
 
+    def on_pdu(event: evt.Event) -> None:
+        # pynetdicom reports a rejection as an abort when the peer closes the connection right after
+        # its A-ASSOCIATE-RJ (as DCMTK does) before the requesting thread looks: keep the PDU itself.
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            state["rejection"] = event.pdu.to_primitive()
+
     def run() -> None:
         try:
             assoc = ae.associate(
-                host, port, ae_title=ae_title, max_pdu=0, evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)]
+                host,
+                port,
+                ae_title=ae_title,
+                max_pdu=0,
+                evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open), (evt.EVT_PDU_RECV, on_pdu)],
             )
             if not assoc.is_established:
-                state["result"] = _not_established(assoc, peer, opened="assoc" in state, host=host, port=port)
+                state["result"] = _not_established(
+                    assoc, peer, state.get("rejection"), opened="assoc" in state, host=host, port=port
+                )
                 return
             try:
                 state["result"] = action(assoc)
@@ -217,10 +231,10 @@ def _interrupt(assoc: Association | None) -> None:
     assoc.dimse.msg_queue.put((None, None))  # read by send_c_store/send_c_echo as "no response"
 
 
-def _not_established(assoc: Association, peer: str, *, opened: bool, host: str, port: int) -> SendResult:
-    if assoc.is_rejected:
-        rejection = assoc.acceptor.primitive
-        assert rejection is not None  # pynetdicom keeps the A-ASSOCIATE-RJ before it sets is_rejected
+def _not_established(
+    assoc: Association, peer: str, rejection: A_ASSOCIATE | None, *, opened: bool, host: str, port: int
+) -> SendResult:
+    if rejection is not None:
         reason = _first_lower(rejection.reason_str)
         if rejection.result == 2:
             return _transient(f"{peer}: association rejected transiently: {reason}")
