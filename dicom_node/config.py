@@ -7,6 +7,7 @@ so radiology IT can fix the file without reading a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -272,6 +273,31 @@ class DashboardSettings(_Strict):
         return self
 
 
+class SyslogSettings(_Strict):
+    """The audit collector (an ATNA audit record repository, or any RFC 5424 syslog server)."""
+
+    host: str = Field(min_length=1)
+    protocol: Literal["udp", "tcp", "tls"] = "tls"  # ATNA asks for TLS (RFC 5425)
+    port: int | None = Field(default=None, ge=1, le=65535)  # none: 6514 for tls, 514 otherwise
+    ca: Path | None = None  # trusted CA of the collector's certificate (tls; none: the system's)
+    timeout_s: float = Field(default=10, gt=0)
+
+    @property
+    def resolved_port(self) -> int:
+        return self.port or (6514 if self.protocol == "tls" else 514)
+
+
+class AuditSettings(_Strict):
+    """The audit trail is always kept in the job log; `syslog` also sends it to a collector."""
+
+    source_id: str = ""  # AuditSourceID in the messages; empty: the node's AE title
+    syslog: SyslogSettings | None = None
+    ship_every_s: float = Field(default=10, gt=0)  # how often unshipped lines go to the collector
+    # the application log names images by UIDs and jobs by id; true adds Patient ID and name to the
+    # receive lines, for debugging only (the log then holds patient data)
+    log_patient_data: bool = False
+
+
 SELFTEST_PROFILE = "selftest"
 """The built-in profile of images from the selftest (`dicom_node.tools.selftest` adds it)."""
 
@@ -289,7 +315,9 @@ class Config(_Strict):
     qc: QcSettings = QcSettings()
     phantom_qa: list[PhantomRule] = []
     dashboard: DashboardSettings = DashboardSettings()
+    audit: AuditSettings = AuditSettings()
     path: Path | None = Field(default=None, exclude=True)  # the file it came from (None: embedded defaults)
+    digest: str = Field(default="", exclude=True)  # SHA-256 of the file's text, for the audit trail
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
@@ -375,13 +403,15 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_config(data: dict, path: Path | None = None) -> Config:
-    """`data` validated; `path` is the file it came from, whose folder relative paths start from."""
+def parse_config(data: dict, path: Path | None = None, digest: str = "") -> Config:
+    """`data` validated; `path` is the file it came from, whose folder relative paths start from,
+    `digest` the SHA-256 of its text."""
     where = str(path) if path else "embedded defaults"
-    if "path" in data:  # the loader's own field, not a key of the file
-        raise ConfigurationError(f"{where}: path: unknown key")
+    for own in ("path", "digest"):  # the loader's own fields, not keys of the file
+        if own in data:
+            raise ConfigurationError(f"{where}: {own}: unknown key")
     try:
-        return Config.model_validate({**data, "path": path})
+        return Config.model_validate({**data, "path": path, "digest": digest})
     except ValidationError as exc:
         raise ConfigurationError(f"{where}: {describe_validation_error(exc)}") from None
 
@@ -395,7 +425,8 @@ def load_config(path: str | Path | None = None) -> Config:
     if path is None and os.environ.get(CONFIG_ENV):
         path = os.environ[CONFIG_ENV]
     if path is None:
-        return parse_config(tomllib.loads(default_config_text()))
+        text = default_config_text()
+        return parse_config(tomllib.loads(text), digest=hashlib.sha256(text.encode()).hexdigest())
     path = Path(path)
     try:
         text = path.read_text()
@@ -405,4 +436,4 @@ def load_config(path: str | Path | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, path.resolve())
+    return parse_config(data, path.resolve(), hashlib.sha256(text.encode()).hexdigest())

@@ -424,7 +424,7 @@ def test_retry_makes_a_waiting_job_or_send_due_now(log):
     assert log.claim_delivery("f1", 30).id == send.id
     assert not log.retry(job.id)  # the send is in flight, none waits
     history = [(e.kind, e.destination, e.actor) for e in log.events(job.id)]
-    assert ("send-failed", "pacs", None) in history and history.count(("retry", None, "command retry")) == 2
+    assert ("send-failed", "pacs", None) in history and history.count(("retry", None, "cli")) == 2
 
 
 def test_resend_and_reprocess_a_done_job(log):

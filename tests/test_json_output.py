@@ -16,7 +16,7 @@ from dicom_node.joblog import JobLog
 
 # The commands with --json, as the CLI spells them, and the test below that parses each one's output.
 # qa-phantom and qa-sessions are parsed as strictly in tests/test_phantom_qa.py
-COVERED = {("process",), ("jobs",), ("jobs", "show"), ("qa-phantom",), ("qa-sessions",)}
+COVERED = {("process",), ("jobs",), ("jobs", "show"), ("qa-phantom",), ("qa-sessions",), ("audit",)}
 
 
 def strict_loads(text: str):

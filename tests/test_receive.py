@@ -73,6 +73,7 @@ class MemorySink:
     """The part of JobLog the receiver uses, in memory; `down` makes every call fail like an unreachable database."""
 
     jobs: list[FakeJob] = field(default_factory=list)
+    audit_lines: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     down: bool = False
 
     def _check(self) -> None:
@@ -87,6 +88,10 @@ class MemorySink:
     def find_by_sop_instance(self, uid: str) -> list[FakeJob]:
         self._check()
         return [job for job in self.jobs if job.fields["sop_instance_uid"] == uid]
+
+    def audit(self, event: str, **fields: Any) -> None:
+        self._check()
+        self.audit_lines.append((event, fields))
 
 
 @pytest.fixture(autouse=True)
@@ -329,6 +334,7 @@ def test_storescu_image_is_spooled_and_recorded(serve, tmp_path: Path) -> None:
         "input_sha256": hashlib.sha256(data).hexdigest(),
         "input_bytes": len(data),
         "pass_through_to": [],  # restored, not passed through
+        "patient_id": sent.PatientID,  # for the audit trail
     }
     assert second.fields["profile"] == "deep"  # the restoration plan is decided by the worker at claim time
     assert list(scp.spool.incoming.iterdir()) == []

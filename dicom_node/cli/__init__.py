@@ -14,7 +14,7 @@ from __future__ import annotations
 import typer
 
 from dicom_node import __version__
-from dicom_node.cli import dashboard, jobs, node, phantom_qa, report, tools
+from dicom_node.cli import audit, dashboard, jobs, node, phantom_qa, report, tools
 from dicom_node.console import make_app, run_app
 
 app = make_app("dicom-node", "Restores low-dose raw mammograms between the modality and PACS.")
@@ -40,6 +40,7 @@ app.command("qa-phantom")(phantom_qa.qa_phantom)
 app.command("qa-sessions")(phantom_qa.qa_sessions)
 app.command("hash-password")(dashboard.hash_password)
 app.command()(report.report)
+app.command()(audit.audit)
 jobs_app = typer.Typer(
     name="jobs", add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=False
 )

@@ -4,6 +4,8 @@ the same `JobLog` functions a web page will."""
 
 from __future__ import annotations
 
+import getpass
+import os
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -172,6 +174,15 @@ def describe_database(url: str) -> str:
     return parsed.render_as_string(hide_password=True)
 
 
+def _actor() -> str:
+    """Who runs the command, for the job's history and the audit trail: "cli alice"."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (e.g. a container's)
+        user = f"uid {os.getuid()}"
+    return f"cli {user}"
+
+
 def _said(change: Change) -> int:
     """Print what a command changed (stdout, exit 0) or why it changed nothing (stderr, exit 1)."""
     typer.echo(change.message, err=not change.changed)
@@ -181,12 +192,12 @@ def _said(change: Change) -> int:
 def retry(job_id: JobArgument, config: ConfigOption = None) -> int:
     """Do a job's next step now: queue a failed or cancelled job again, or make a waiting retry (of
     its processing or its sends) due now. Exit 1 when there was nothing to do."""
-    return _said(open_joblog(config, quiet=True).retry(job_id))
+    return _said(open_joblog(config, quiet=True).retry(job_id, actor=_actor()))
 
 
 def cancel(job_id: JobArgument, config: ConfigOption = None) -> int:
     """Stop a job: it will not be processed or sent any further. Exit 1 when it was finished already."""
-    return _said(open_joblog(config, quiet=True).cancel(job_id))
+    return _said(open_joblog(config, quiet=True).cancel(job_id, actor=_actor()))
 
 
 def resend(
@@ -205,14 +216,14 @@ def resend(
         raise typer.BadParameter(
             f"no destination {', '.join(map(repr, unknown))}; configured: {', '.join(sorted(known))}", param_hint="--to"
         )
-    return _said(open_joblog(config, quiet=True).resend(job_id, to))
+    return _said(open_joblog(config, quiet=True).resend(job_id, to, actor=_actor()))
 
 
 def release(job_id: JobArgument, config: ConfigOption = None) -> int:
     """Send a job held for QC review (its profile holds flagged images) after all. Exit 1 when it is not held."""
-    return _said(open_joblog(config, quiet=True).release(job_id))
+    return _said(open_joblog(config, quiet=True).release(job_id, actor=_actor()))
 
 
 def reprocess(job_id: JobArgument, config: ConfigOption = None) -> int:
     """Restore a job again from its spooled input (a new model, a corrected calibration), then send it."""
-    return _said(open_joblog(config, quiet=True).reprocess(job_id))
+    return _said(open_joblog(config, quiet=True).reprocess(job_id, actor=_actor()))

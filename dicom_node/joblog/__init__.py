@@ -2,6 +2,8 @@
 
 from .jobs import Change, JobFilter, JobLog
 from .tables import (
+    AuditOutcome,
+    AuditSnapshot,
     DeliverySnapshot,
     DeliveryStatus,
     JobEventSnapshot,
@@ -12,6 +14,8 @@ from .tables import (
 )
 
 __all__ = [
+    "AuditOutcome",
+    "AuditSnapshot",
     "Change",
     "DeliverySnapshot",
     "DeliveryStatus",

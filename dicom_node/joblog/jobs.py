@@ -12,7 +12,7 @@ those (BEGIN IMMEDIATE), PostgreSQL locks the row and lets other claimers skip i
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +26,9 @@ from dicom_node.errors import InputRefused
 from .db import WRITE, make_engine, upgrade
 from .tables import (
     DELIVERY_KINDS,
+    AuditEvent,
+    AuditOutcome,
+    AuditSnapshot,
     Delivery,
     DeliverySnapshot,
     DeliveryStatus,
@@ -43,6 +46,13 @@ STAGES = {"decoded": "decode", "restored": "restore", "derived": "derive"}
 """Stage name → prefix of its duration column (`decoded` sets decoded_at and decode_s)."""
 
 _FINISHED_DELIVERIES = (DeliveryStatus.sent, DeliveryStatus.cancelled)
+_COMMAND_AUDIT = {
+    "retry": "job-retried",
+    "cancel": "job-cancelled",
+    "resend": "job-resent",
+    "release": "job-released",
+    "reprocess": "job-reprocessed",
+}
 DEFAULT_MAX_ATTEMPTS = 3  # [worker] max_attempts unless the node says otherwise
 
 
@@ -138,11 +148,13 @@ class JobLog:
         input_sha256: str,
         input_bytes: int,
         pass_through_to: Sequence[str] = (),
+        patient_id: str | None = None,
     ) -> int:
         """Commit a job for a spooled image; the receiver answers Success only after this.
 
         With `pass_through_to` (destinations) the image is not restored: the job is forwarding at
-        once, with one send of the original to each, due now."""
+        once, with one send of the original to each, due now. `patient_id` goes only to the audit
+        trail (an ATNA record names the patient whose images moved), never to the job row or logs."""
         job = Job(
             sop_instance_uid=sop_instance_uid,
             study_instance_uid=study_instance_uid,
@@ -169,6 +181,18 @@ class JobLog:
             session.flush()
             self._event(
                 session, job.id, "received", f"from {calling_ae} ({peer_host or 'unknown host'}), profile {profile}"
+            )
+            self._audit(
+                session,
+                "instance-received",
+                actor=calling_ae,
+                address=peer_host,
+                job_id=job.id,
+                called_ae=called_ae,
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
+                study_instance_uid=study_instance_uid,
+                patient_id=patient_id,
             )
             if pass_through_to:
                 now = utcnow()
@@ -420,7 +444,9 @@ class JobLog:
                 f"{delivery.kind} acknowledged (status 0x{status:04X}) in {send_s:.1f} s, attempt {delivery.attempts}",
                 destination=delivery.destination,
             )
-            self._finish_if_delivered(session, self._job(session, delivery.job_id), now)
+            job = self._job(session, delivery.job_id)
+            self._audit_send(session, job, delivery, AuditOutcome.success, status=status)
+            self._finish_if_delivered(session, job, now)
 
     def delivery_failed(
         self,
@@ -447,11 +473,12 @@ class JobLog:
                 f"{delivery.kind}, attempt {delivery.attempts}: {error}{code}; {when}",
                 destination=delivery.destination,
             )
-            if retry_at is None:
-                job = self._job(session, delivery.job_id)
-                if job.status == JobStatus.forwarding:
-                    job.status = JobStatus.failed
-                    job.last_error = f"{delivery.destination}: {error}"
+            job = self._job(session, delivery.job_id)
+            outcome = AuditOutcome.minor_failure if retry_at else AuditOutcome.serious_failure
+            self._audit_send(session, job, delivery, outcome, status=status, error=error)
+            if retry_at is None and job.status == JobStatus.forwarding:
+                job.status = JobStatus.failed
+                job.last_error = f"{delivery.destination}: {error}"
 
     # --- recovery and IT commands ------------------------------------------------------------
 
@@ -471,7 +498,7 @@ class JobLog:
             )
             return jobs + deliveries.rowcount
 
-    def retry(self, job_id: int, actor: str = "command retry") -> Change:
+    def retry(self, job_id: int, actor: str = "cli") -> Change:
         """Make a job's next step happen now.
 
         A failed or cancelled job is queued again (without a derived image it is processed
@@ -490,7 +517,9 @@ class JobLog:
                     return Change(False, f"job {job_id} is already queued and due: nothing changed")
                 waited = job.next_attempt_at
                 job.next_attempt_at = now
-                return self._changed(session, job_id, actor, f"processing is due now (was due at {_at(waited)})")
+                return self._changed(
+                    session, job_id, "retry", actor, f"processing is due now (was due at {_at(waited)})"
+                )
             if job.status == JobStatus.held:
                 return Change(False, f"job {job_id} is held for QC review: release it or cancel it")
             if job.status == JobStatus.forwarding:
@@ -506,13 +535,13 @@ class JobLog:
                 for delivery in waiting:
                     delivery.next_attempt_at = now
                 sends = ", ".join(f"{d.kind} to {d.destination}" for d in waiting)
-                return self._changed(session, job_id, actor, f"sends due now: {sends}")
+                return self._changed(session, job_id, "retry", actor, f"sends due now: {sends}")
             job.last_error = None
             if job.derived_path is None:
                 job.status = JobStatus.received
                 job.next_attempt_at = None
                 job.attempts = 0
-                return self._changed(session, job_id, actor, "queued for processing again")
+                return self._changed(session, job_id, "retry", actor, "queued for processing again")
             again = session.scalars(
                 select(Delivery).where(
                     Delivery.job_id == job_id, Delivery.status.in_([DeliveryStatus.failed, DeliveryStatus.cancelled])
@@ -522,11 +551,11 @@ class JobLog:
                 delivery.status, delivery.next_attempt_at, delivery.attempts = DeliveryStatus.pending, now, 0
             job.status = JobStatus.forwarding
             sends = ", ".join(f"{d.kind} to {d.destination}" for d in again) or "none left"
-            change = self._changed(session, job_id, actor, f"sends queued again: {sends}")
+            change = self._changed(session, job_id, "retry", actor, f"sends queued again: {sends}")
             self._finish_if_delivered(session, job, now)
             return change
 
-    def cancel(self, job_id: int, actor: str = "command cancel") -> Change:
+    def cancel(self, job_id: int, actor: str = "cli") -> Change:
         """Stop a job and its pending sends. A worker holding it loses the lease (its heartbeat
         returns False); a send in flight finishes but is not retried. Nothing changes for a job
         that is cancelled or done already. Raises InputRefused for an unknown job."""
@@ -547,9 +576,11 @@ class JobLog:
                     .values(status=DeliveryStatus.cancelled)
                 ),
             ).rowcount
-            return self._changed(session, job_id, actor, f"cancelled (was {before}; {stopped} pending sends stopped)")
+            return self._changed(
+                session, job_id, "cancel", actor, f"cancelled (was {before}; {stopped} pending sends stopped)"
+            )
 
-    def resend(self, job_id: int, destinations: Sequence[str] | None = None, actor: str = "command resend") -> Change:
+    def resend(self, job_id: int, destinations: Sequence[str] | None = None, actor: str = "cli") -> Change:
         """Send a job's derived image again: to `destinations`, or to every destination it was
         sent to. For a PACS that lost it; the derived UID is the same, so it replaces, never
         duplicates. Raises InputRefused for an unknown job, one without a derived image, or one
@@ -580,9 +611,9 @@ class JobLog:
             )
             job.status = JobStatus.forwarding
             job.completed_at = None
-            return self._changed(session, job_id, actor, f"derived image queued to {', '.join(targets)}")
+            return self._changed(session, job_id, "resend", actor, f"derived image queued to {', '.join(targets)}")
 
-    def release(self, job_id: int, actor: str = "command release") -> Change:
+    def release(self, job_id: int, actor: str = "cli") -> Change:
         """Send a held job (QC-flagged, its profile holds flagged images) to its destinations after
         all: a person looked at it and accepts it. Raises InputRefused for an unknown job."""
         now = utcnow()
@@ -600,9 +631,9 @@ class JobLog:
             ).rowcount
             job.status = JobStatus.forwarding
             self._finish_if_delivered(session, job, now)
-            return self._changed(session, job_id, actor, f"released: {released} held sends queued")
+            return self._changed(session, job_id, "release", actor, f"released: {released} held sends queued")
 
-    def reprocess(self, job_id: int, actor: str = "command reprocess") -> Change:
+    def reprocess(self, job_id: int, actor: str = "cli") -> Change:
         """Restore a job again from its spooled input (after a new model or a corrected calibration):
         queued now, attempts from zero, unsent sends of the old result cancelled. Raises
         InputRefused for an unknown job or one that is processing."""
@@ -622,7 +653,55 @@ class JobLog:
             job.status = JobStatus.received
             job.next_attempt_at = job.completed_at = job.last_error = None
             job.attempts = 0
-            return self._changed(session, job_id, actor, f"queued for processing again (was {before})")
+            return self._changed(session, job_id, "reprocess", actor, f"queued for processing again (was {before})")
+
+    # --- audit trail ---------------------------------------------------------------------------
+
+    def audit(
+        self,
+        event: str,
+        *,
+        actor: str,
+        outcome: AuditOutcome = AuditOutcome.success,
+        address: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Record an event that belongs to no job change (associations, configuration loaded)."""
+        with self._transaction() as session:
+            self._audit(session, event, actor=actor, outcome=outcome, address=address, **detail)
+
+    def audit_events(
+        self, *, since: datetime | None = None, event: str | None = None, limit: int | None = None
+    ) -> list[AuditSnapshot]:
+        """The audit trail, newest first."""
+        query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(AuditEvent.at >= since)
+        if event is not None:
+            query = query.where(AuditEvent.event == event)
+        with self._read() as session:
+            return [AuditSnapshot.of(row) for row in session.scalars(query)]
+
+    def ship_audit(self, send: Callable[[Sequence[AuditSnapshot]], None], batch: int = 100) -> int:
+        """Hand the oldest unshipped audit lines to `send` (the syslog client) and mark them shipped.
+
+        The rows stay locked while `send` runs, so two nodes sharing the job log never ship the same
+        line; if `send` raises, nothing is marked and the next call tries the same lines again.
+        """
+        with self._transaction() as session:
+            rows = session.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.shipped_at.is_(None))
+                .order_by(AuditEvent.id)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if rows:
+                send([AuditSnapshot.of(row) for row in rows])
+                now = utcnow()
+                for row in rows:
+                    row.shipped_at = now
+            return len(rows)
 
     def events(self, job_id: int) -> list[JobEventSnapshot]:
         """A job's history, oldest first."""
@@ -732,9 +811,55 @@ class JobLog:
             JobEvent(job_id=job_id, at=at or utcnow(), kind=kind, detail=detail, destination=destination, actor=actor)
         )
 
-    def _changed(self, session: Session, job_id: int, actor: str, what: str) -> Change:
-        """Record a command's change as an event and say it."""
-        self._event(session, job_id, actor.removeprefix("command "), what, actor=actor)
+    @staticmethod
+    def _audit(
+        session: Session,
+        event: str,
+        *,
+        actor: str,
+        outcome: AuditOutcome = AuditOutcome.success,
+        address: str | None = None,
+        job_id: int | None = None,
+        **detail: Any,
+    ) -> None:
+        session.add(
+            AuditEvent(
+                at=utcnow(),
+                event=event,
+                outcome=int(outcome),
+                actor=actor,
+                address=address,
+                job_id=job_id,
+                detail={key: value for key, value in detail.items() if value is not None},
+            )
+        )
+
+    def _audit_send(self, session: Session, job: Job, delivery: Delivery, outcome: AuditOutcome, **detail: Any) -> None:
+        """An instance-sent line: which image (the derived one, or the original passed through) went where."""
+        derived = delivery.kind == "derived"
+        received = session.scalar(
+            select(AuditEvent.detail).where(AuditEvent.job_id == job.id, AuditEvent.event == "instance-received")
+        )
+        self._audit(
+            session,
+            "instance-sent",
+            actor="forwarder",
+            outcome=outcome,
+            job_id=job.id,
+            destination=delivery.destination,
+            kind=delivery.kind,
+            attempt=delivery.attempts,
+            sop_class_uid=job.sop_class_uid,  # a derived instance keeps its source's SOP class
+            sop_instance_uid=job.derived_sop_instance_uid if derived else job.sop_instance_uid,
+            study_instance_uid=job.study_instance_uid,
+            patient_id=(received or {}).get("patient_id"),
+            **detail,
+        )
+
+    def _changed(self, session: Session, job_id: int, action: str, actor: str, what: str) -> Change:
+        """Record a command's change in the job's history and the audit trail, and say it."""
+        self._event(session, job_id, action, what, actor=actor)
+        self._audit(session, _COMMAND_AUDIT[action], actor=actor, job_id=job_id, change=what)
         return Change(True, f"job {job_id}: {what}")
 
     @staticmethod

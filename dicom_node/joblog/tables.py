@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, String, Text
@@ -165,6 +165,36 @@ class JobEvent(Base):
     actor: Mapped[str | None] = mapped_column(String(255))  # the worker, or "command retry", …
 
 
+class AuditOutcome(IntEnum):
+    """DICOM PS3.15 A.5.1 EventOutcomeIndicator: how a security-relevant event ended."""
+
+    success = 0
+    minor_failure = 4  # e.g. a send that will be retried
+    serious_failure = 8  # e.g. an association rejected, a send given up
+    major_failure = 12
+
+
+class AuditEvent(Base):
+    """One line of the audit trail (revision 0005): who did what, from where, with what outcome.
+
+    Not tied to a job by a foreign key: the trail outlives the jobs that retention deletes.
+    `shipped_at` is set once the syslog collector has it (none configured: stays empty).
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_unshipped", "shipped_at", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    event: Mapped[str] = mapped_column(String(32))  # association-accepted, instance-received, job-retried, …
+    outcome: Mapped[int]  # AuditOutcome
+    actor: Mapped[str] = mapped_column(String(255))  # calling AE title, "cli alice", "dashboard bob", the node
+    address: Mapped[str | None] = mapped_column(String(255))  # the peer's IP address
+    job_id: Mapped[int | None] = mapped_column(index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)  # UIDs, destination, status, reason, digest, …
+    shipped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class QaSessionStatus(StrEnum):
     open = "open"  # images still arriving (the last less than the rule's quiet_minutes ago)
     evaluating = "evaluating"  # leased by an evaluator
@@ -305,4 +335,23 @@ class QaSessionSnapshot:
 
     @classmethod
     def of(cls, row: QaSession) -> QaSessionSnapshot:
+        return cls(**{field.name: getattr(row, field.name) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class AuditSnapshot:
+    """An audit row as it was when read."""
+
+    id: int
+    at: datetime
+    event: str
+    outcome: int
+    actor: str
+    address: str | None
+    job_id: int | None
+    detail: dict[str, Any]
+    shipped_at: datetime | None
+
+    @classmethod
+    def of(cls, row: AuditEvent) -> AuditSnapshot:
         return cls(**{field.name: getattr(row, field.name) for field in fields(cls)})

@@ -2,6 +2,7 @@
 
 - dispatch: send due deliveries (several at once, each claimed atomically from the job log);
 - lease recovery: jobs and sends whose owner stopped renewing go back to the queue;
+- audit: the audit trail's new lines go to the syslog collector, when one is configured;
 - retention: spooled inputs and derived files of finished jobs are removed after retention_days
   (an input is never removed before every destination has acknowledged its output), and spool
   files that no job refers to (written, then the job row failed: never acknowledged) after a day.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node.audit import SyslogShipper
 from dicom_node.config import Config
 from dicom_node.forward.dispatch import Dispatcher
 from dicom_node.joblog import JobLog, JobStatus
@@ -60,4 +62,13 @@ def build_scheduler(config: Config, joblog: JobLog, dispatcher: Dispatcher) -> B
     )
     scheduler.add_job(joblog.reclaim_expired, "interval", seconds=LEASE_RECOVERY_EVERY_S, id="lease-recovery")
     scheduler.add_job(remove_expired_files, "interval", hours=RETENTION_EVERY_H, args=(config, joblog), id="retention")
+    audit = config.audit
+    if audit.syslog is not None:
+        shipper = SyslogShipper(
+            audit.syslog,
+            source_id=audit.source_id or config.node.ae_title,
+            node_ae=config.node.ae_title,
+            ca=config.resolve(audit.syslog.ca) if audit.syslog.ca else None,
+        )
+        scheduler.add_job(shipper.ship, "interval", seconds=audit.ship_every_s, args=(joblog,), id="audit-syslog")
     return scheduler

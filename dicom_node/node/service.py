@@ -24,6 +24,7 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node.audit import record_config_loaded
 from dicom_node.config import Config
 from dicom_node.files import write_atomically
 from dicom_node.forward.dispatch import Dispatcher
@@ -102,6 +103,7 @@ class Node:
         for job_id in self.joblog.hand_back(f"{self.node_id}/", "the node stopped while it held the job", prefix=True):
             log.warning("job %s: held when the node last stopped; given back to the queue", job_id)
         self.joblog.reclaim_expired()  # and any other worker's that ran out
+        record_config_loaded(self.config, self.joblog, "serve")
         try:
             self.receiver.start()
         except BaseException:  # e.g. the DICOM port is taken: the dashboard does not outlive a failed start

@@ -28,7 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # g
 from dicom_node.config import Config
 from dicom_node.errors import InputRefused, NodeError, Unavailable
 from dicom_node.imaging.read import LOSSLESS_TRANSFER_SYNTAXES, MG_FOR_PROCESSING
-from dicom_node.joblog import JobLog
+from dicom_node.joblog import AuditOutcome, JobLog
 from dicom_node.receive import counters
 from dicom_node.receive.allowlist import (
     CALLED_AE_NOT_RECOGNISED,
@@ -98,6 +98,7 @@ class Header:
     series_instance_uid: str
     station_name: str | None
     detector_serial: str | None
+    patient_id: str | None  # for the audit trail only: never logged unless [audit] log_patient_data
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -122,8 +123,9 @@ def read_header(ds: Dataset, *, context_sop_class_uid: str, sop_class_uid: str, 
             name: str(ds.get(name, "") or "").strip()
             for name in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
         }
-        station_name, device_serial, detector_id = (
-            str(ds.get(name, "") or "").strip() or None for name in ("StationName", "DeviceSerialNumber", "DetectorID")
+        station_name, device_serial, detector_id, patient_id = (
+            str(ds.get(name, "") or "").strip() or None
+            for name in ("StationName", "DeviceSerialNumber", "DetectorID", "PatientID")
         )
     except Exception as exc:
         raise NotUnderstood(CANNOT_UNDERSTAND, f"unreadable dataset: {type(exc).__name__}") from exc
@@ -149,6 +151,7 @@ def read_header(ds: Dataset, *, context_sop_class_uid: str, sop_class_uid: str, 
         uids["SeriesInstanceUID"],
         station_name,
         device_serial or detector_id,
+        patient_id,
     )
 
 
@@ -303,20 +306,24 @@ class StorageSCP:
             counters.associations_rejected.labels(reason=counters.rejection_reason(rejection)).inc()
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.reason)
             assoc.kill()
+            self._audit_association(calling_ae, host, rejection.text, called_ae=request.called_ae_title.strip())
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejection: in this node only max_associations leads there."""
         counters.associations_rejected.labels(reason=counters.ASSOCIATION_LIMIT).inc()
         reply = _primitive(event.assoc.acceptor.primitive, "acceptor")
+        calling_ae = _primitive(event.assoc.requestor.primitive, "requestor").calling_ae_title.strip()
         log.warning(
             "association %s@%s rejected by the association limit (%d): result %d, source %d, reason %d",
-            _primitive(event.assoc.requestor.primitive, "requestor").calling_ae_title.strip(),
+            calling_ae,
             event.assoc.requestor.address,
             self.config.node.max_associations,
             reply.result,
             reply.result_source,
             reply.diagnostic,
         )
+        limit = f"association limit ({self.config.node.max_associations}) reached"
+        self._audit_association(calling_ae, event.assoc.requestor.address, limit)
 
     def _on_established(self, event: evt.Event) -> None:
         """Log the association; when it can store nothing here, also what it proposed (IT's first question)."""
@@ -324,6 +331,7 @@ class StorageSCP:
         requestor = assoc.requestor
         counters.associations_accepted.inc()
         log.info("association %s@%s:%d accepted", requestor.ae_title, requestor.address, requestor.port)
+        self._audit_association(requestor.ae_title.strip(), requestor.address, None, port=requestor.port)
         if assoc.rejected_contexts and not any(
             cx.abstract_syntax in STORAGE_SOP_CLASSES for cx in assoc.accepted_contexts
         ):
@@ -335,6 +343,21 @@ class StorageSCP:
                 ", ".join(UID(uid).name for uid in STORAGE_SOP_CLASSES),
                 ", ".join(refused),
             )
+
+    def _audit_association(self, calling_ae: str, host: str, rejected: str | None, **detail: object) -> None:
+        """An association accepted (`rejected` None) or rejected, in the audit trail. A job log that
+        cannot take it is logged and does not change the answer: the association is decided."""
+        try:
+            self.sink.audit(
+                "association-rejected" if rejected else "association-accepted",
+                actor=calling_ae,
+                address=host,
+                outcome=AuditOutcome.serious_failure if rejected else AuditOutcome.success,
+                reason=rejected,
+                **detail,
+            )
+        except Exception:
+            log.exception("association %s@%s: not written to the audit trail", calling_ae, host)
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         requestor = event.assoc.requestor
@@ -413,15 +436,22 @@ class StorageSCP:
             )
         else:
             log.info(
-                "C-STORE %s from %s@%s: job %d, %d bytes, %.1f ms",
+                "C-STORE %s from %s@%s: job %d, %d bytes, %.1f ms%s",
                 header.sop_instance_uid,
                 calling_ae,
                 host,
                 job_id,
                 len(data),
                 elapsed_ms,
+                self._patient(data) if self.config.audit.log_patient_data else "",
             )
         return SUCCESS
+
+    @staticmethod
+    def _patient(data: bytes) -> str:
+        """ ", patient ID (name)": only with [audit] log_patient_data, for debugging."""
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["PatientID", "PatientName"])
+        return f", patient {ds.get('PatientID', '')} ({ds.get('PatientName', '')})"
 
     def _pass_through(self, sop_class_uid: str, profile_name: str) -> list[str]:
         """The destinations an image of a class the node does not restore goes to unchanged (its
@@ -474,6 +504,7 @@ class StorageSCP:
                     input_sha256=sha256,
                     input_bytes=len(data),
                     pass_through_to=pass_through_to,
+                    patient_id=header.patient_id,
                 )
             except BaseException:
                 self.spool.discard(path)
