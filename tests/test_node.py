@@ -6,6 +6,7 @@ tests look at the result the way IT would: in Orthanc's REST API, with dciodvfy,
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -227,6 +228,16 @@ def test_storescu_to_node_to_orthanc(tmp_path, pacs, node_factory, sim_noise):
     assert job.calling_ae == "MAMMO1" and job.profile == "half-dose" and job.pipeline == "gat-bm3d"
     [delivery] = node.joblog().deliveries(job.id)
     assert str(delivery.status) == "sent" and delivery.send_s is not None and delivery.sent_at is not None
+    # The audit trail of the running node: its configuration, the association, the image in and out.
+    trail = [(line.event, line.outcome) for line in reversed(node.joblog().audit_events())]
+    assert trail == [
+        ("config-loaded", 0),
+        ("association-accepted", 0),
+        ("instance-received", 0),
+        ("instance-sent", 0),
+    ]
+    started = node.joblog().audit_events(event="config-loaded")[0]
+    assert started.detail["sha256"] == hashlib.sha256(node.config_path.read_bytes()).hexdigest()
 
 
 def test_compressed_inputs_are_restored(tmp_path, pacs, node_factory):
