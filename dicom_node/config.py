@@ -72,6 +72,8 @@ class NodeSettings(_Strict):
 
 class DatabaseSettings(_Strict):
     url: str = ""  # empty: SQLite file in data_dir; a relative SQLite file is relative to the configuration file
+    # SQLite: how long a writer waits for another's lock; the receiver answers 0xA700 after it
+    busy_timeout_s: float = Field(default=30, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -110,6 +112,8 @@ class Destination(_Strict):
     port: int | None = Field(default=None, ge=1, le=65535)
     folder: Path | None = None
     timeout_s: float = Field(default=120, gt=0)  # watchdog: the longest one send may take
+    # a PACS answering 0x0111 (duplicate SOP instance: it has this image already) has it: count it sent
+    duplicate_is_delivered: bool = False
 
     @model_validator(mode="after")
     def _either_network_or_folder(self) -> Destination:

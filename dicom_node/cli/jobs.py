@@ -161,7 +161,7 @@ def open_joblog(config_path: Path | None, *, quiet: bool = False) -> JobLog:
     url = existing_joblog_url(cfg)  # a job log that is not there is refused, never created empty
     if not quiet:
         typer.echo(f"job log: {describe_database(url)}", err=True)
-    return JobLog(url, cfg.worker.max_attempts)
+    return JobLog(url, cfg.worker.max_attempts, cfg.database.busy_timeout_s)
 
 
 def describe_database(url: str) -> str:

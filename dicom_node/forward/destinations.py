@@ -25,6 +25,8 @@ from dicom_node.files import DEFAULT_FILE_MODE, write_atomically
 from dicom_node.forward import scu
 from dicom_node.forward.scu import SendResult
 
+DUPLICATE_SOP_INSTANCE = 0x0111
+
 # Errors that no retry fixes: something in the way that is not a folder.
 _NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST}
 
@@ -60,9 +62,10 @@ class NetworkDestination:
     port: int
     calling_ae: str
     timeout_s: float
+    duplicate_is_delivered: bool = False  # 0x0111 (PACS has this instance already) counts as sent
 
     def send(self, path: Path) -> SendResult:
-        return scu.send_file(
+        result = scu.send_file(
             path,
             ae_title=self.ae_title,
             host=self.host,
@@ -70,6 +73,9 @@ class NetworkDestination:
             calling_ae=self.calling_ae,
             timeout_s=self.timeout_s,
         )
+        if result.status == DUPLICATE_SOP_INSTANCE and self.duplicate_is_delivered:
+            return replace(result, ok=True, message=f"{self.ae_title}@{self.host}:{self.port}: has it already (0x0111)")
+        return result
 
     def echo(self) -> SendResult:
         return scu.echo(
@@ -147,7 +153,9 @@ def make_destination(
         return FolderDestination(cfg.name, folder, file_mode)
     if cfg.ae_title is None or cfg.host is None or cfg.port is None:  # DestinationEntry validates this
         raise ConfigurationError(f"destination {cfg.name!r} needs ae_title, host and port (or a folder)")
-    return NetworkDestination(cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s)
+    return NetworkDestination(
+        cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s, cfg.duplicate_is_delivered
+    )
 
 
 def destination_named(config: Config, name: str) -> Destination:

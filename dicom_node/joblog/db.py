@@ -15,7 +15,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 
-BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_S = 30.0  # [database] busy_timeout_s
 WRITE = {"begin_immediate": True}
 """Execution options of a write transaction (the engine's `begin` hook reads them)."""
 
@@ -23,24 +23,25 @@ _MIGRATIONS = "dicom_node.joblog:migrations"
 _MIGRATION_LOCK_KEY = 0x6A6F626C6F67  # "joblog": serialises concurrent upgrades on PostgreSQL
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; for a SQLite file, its folder is created and the pragmas set."""
+def make_engine(url: str, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
+    """An engine for `url`; for a SQLite file, its folder is created and the pragmas set (a writer
+    waits `busy_timeout_s` for another's lock before it fails)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
-    event.listen(engine, "connect", _configure_sqlite)
+    event.listen(engine, "connect", lambda connection, _record: _configure_sqlite(connection, busy_timeout_s))
     event.listen(engine, "begin", _begin_sqlite)
     return engine
 
 
-def _configure_sqlite(dbapi_connection, _record) -> None:
+def _configure_sqlite(dbapi_connection, busy_timeout_s: float) -> None:
     # The sqlite3 module's own implicit BEGIN is switched off so that `_begin_sqlite` decides.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout = {round(busy_timeout_s * 1000)}")
     cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = FULL")  # a committed job survives a power cut
     cursor.execute("PRAGMA foreign_keys = ON")

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.errors import InputRefused
 
-from .db import WRITE, make_engine, upgrade
+from .db import BUSY_TIMEOUT_S, WRITE, make_engine, upgrade
 from .tables import (
     DELIVERY_KINDS,
     AuditEvent,
@@ -112,9 +112,11 @@ class JobLog:
     timeout) on its last attempt fails with the reason instead of being claimed again.
     """
 
-    def __init__(self, url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+    def __init__(
+        self, url: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS, busy_timeout_s: float = BUSY_TIMEOUT_S
+    ) -> None:
         self.max_attempts = max_attempts
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, busy_timeout_s)
         upgrade(self.engine)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.engine.execution_options(**WRITE), expire_on_commit=False)

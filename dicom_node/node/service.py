@@ -81,7 +81,7 @@ class Node:
         self.config = config = with_selftest(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.node_id = node_identity(config.data_dir)
-        self.joblog = JobLog(config.database_url, config.worker.max_attempts)
+        self.joblog = JobLog(config.database_url, config.worker.max_attempts, config.database.busy_timeout_s)
         self.receiver = StorageSCP(config, self.joblog, port=port)
         self.dispatcher = Dispatcher(config, self.joblog)
         self.scheduler = build_scheduler(config, self.joblog, self.dispatcher)

@@ -254,5 +254,5 @@ class Worker:
 def run_worker(config: Config, stop: threading.Event | None = None, node_id: str | None = None) -> None:
     """Entry point of a worker process (also `dicom-node worker`)."""
     stop = stop or threading.Event()
-    joblog = JobLog(config.database_url, config.worker.max_attempts)
+    joblog = JobLog(config.database_url, config.worker.max_attempts, config.database.busy_timeout_s)
     Worker(config, joblog, worker_name(node_id)).run(stop)
