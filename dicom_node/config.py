@@ -114,6 +114,9 @@ class Destination(_Strict):
     timeout_s: float = Field(default=120, gt=0)  # watchdog: the longest one send may take
     # a PACS answering 0x0111 (duplicate SOP instance: it has this image already) has it: count it sent
     duplicate_is_delivered: bool = False
+    # ask PACS to commit to each stored image (Storage Commitment, push model); sent only once it has
+    storage_commitment: bool = False
+    commitment_timeout_s: float = Field(default=600, gt=0)  # no report by then: failed, sent again
 
     @model_validator(mode="after")
     def _either_network_or_folder(self) -> Destination:
@@ -121,6 +124,8 @@ class Destination(_Strict):
         if self.folder is not None:
             if any(v is not None for v in network):
                 raise ValueError("a destination is either a folder or ae_title/host/port, not both")
+            if self.storage_commitment:
+                raise ValueError("storage_commitment needs a network destination (a folder commits nothing)")
         elif any(v is None for v in network):
             raise ValueError("a network destination needs ae_title, host and port (or give folder)")
         return self

@@ -63,8 +63,9 @@ class NetworkDestination:
     calling_ae: str
     timeout_s: float
     duplicate_is_delivered: bool = False  # 0x0111 (PACS has this instance already) counts as sent
+    commitment_timeout_s: float | None = None  # set: each store is followed by a storage commitment request
 
-    def send(self, path: Path) -> SendResult:
+    def send(self, path: Path, commitment_uid: str | None = None) -> SendResult:
         result = scu.send_file(
             path,
             ae_title=self.ae_title,
@@ -72,6 +73,7 @@ class NetworkDestination:
             port=self.port,
             calling_ae=self.calling_ae,
             timeout_s=self.timeout_s,
+            commitment_uid=commitment_uid,
         )
         if result.status == DUPLICATE_SOP_INSTANCE and self.duplicate_is_delivered:
             return replace(result, ok=True, message=f"{self.ae_title}@{self.host}:{self.port}: has it already (0x0111)")
@@ -154,7 +156,14 @@ def make_destination(
     if cfg.ae_title is None or cfg.host is None or cfg.port is None:  # DestinationEntry validates this
         raise ConfigurationError(f"destination {cfg.name!r} needs ae_title, host and port (or a folder)")
     return NetworkDestination(
-        cfg.name, cfg.ae_title, cfg.host, cfg.port, calling_ae, cfg.timeout_s, cfg.duplicate_is_delivered
+        cfg.name,
+        cfg.ae_title,
+        cfg.host,
+        cfg.port,
+        calling_ae,
+        cfg.timeout_s,
+        cfg.duplicate_is_delivered,
+        cfg.commitment_timeout_s if cfg.storage_commitment else None,
     )
 
 

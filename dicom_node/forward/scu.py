@@ -28,7 +28,10 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import; mypy can't see them
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
 LOG = logging.getLogger(__name__)
@@ -67,9 +70,20 @@ def _permanent(message: str, status: int | None = None) -> SendResult:
 
 
 def send_file(
-    path: str | os.PathLike, *, ae_title: str, host: str, port: int, calling_ae: str, timeout_s: float
+    path: str | os.PathLike,
+    *,
+    ae_title: str,
+    host: str,
+    port: int,
+    calling_ae: str,
+    timeout_s: float,
+    commitment_uid: str | None = None,
 ) -> SendResult:
-    """C-STORE one DICOM file, decompressing it when the peer takes only Explicit VR Little Endian."""
+    """C-STORE one DICOM file, decompressing it when the peer takes only Explicit VR Little Endian.
+
+    With `commitment_uid`, a stored file is also the subject of a Storage Commitment request
+    (N-ACTION, push model) with that Transaction UID on the same association; PACS answers later,
+    on an association of its own (N-EVENT-REPORT, `dicom_node.forward.commitment`)."""
     started = time.monotonic()
     peer = f"{ae_title}@{host}:{port}"
     try:
@@ -81,8 +95,17 @@ def send_file(
     else:
         # Separate contexts, so that a peer taking both lets the file go as it is.
         contexts = [build_context(sop_class, ts) for ts in dict.fromkeys([syntax, ExplicitVRLittleEndian])]
+        if commitment_uid is not None:
+            contexts.append(build_context(StorageCommitmentPushModel))
+
+        def store(assoc: Association) -> SendResult:
+            stored = _store(assoc, dataset, peer)
+            if not stored.ok or commitment_uid is None:
+                return stored
+            return _request_commitment(assoc, dataset, commitment_uid, peer, stored)
+
         result = _exchange(
-            lambda assoc: _store(assoc, dataset, peer),
+            store,
             contexts,
             peer=peer,
             ae_title=ae_title,
@@ -129,6 +152,31 @@ def _store(assoc: Association, dataset: Dataset, peer: str) -> SendResult:
         return _transient(f"{peer}: no C-STORE response (association aborted or timed out)")
     result = _classify_store_status(peer, int(response.Status))
     return replace(result, message=f"{result.message} (decompressed from {syntax.name})") if decompress else result
+
+
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance (PS3.4 J.3.5)
+
+
+def _request_commitment(
+    assoc: Association, dataset: Dataset, transaction_uid: str, peer: str, stored: SendResult
+) -> SendResult:
+    """Ask PACS to commit to keep the stored instance; a refusal or no answer: retried like a failed send."""
+    if not any(cx.abstract_syntax == StorageCommitmentPushModel for cx in assoc.accepted_contexts):
+        return _permanent(f"{peer}: stored, but does not accept Storage Commitment (push model)")
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    item = Dataset()
+    item.ReferencedSOPClassUID = dataset.SOPClassUID
+    item.ReferencedSOPInstanceUID = dataset.SOPInstanceUID
+    request.ReferencedSOPSequence = [item]
+    status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
+    if "Status" not in status:
+        return _transient(f"{peer}: stored, but no answer to the storage commitment request")
+    if int(status.Status) != 0x0000:
+        return _transient(
+            f"{peer}: stored, but the storage commitment request failed (status 0x{int(status.Status):04X})"
+        )
+    return replace(stored, message=f"{stored.message}; storage commitment asked (transaction {transaction_uid})")
 
 
 def _classify_store_status(peer: str, status: int) -> SendResult:

@@ -450,6 +450,75 @@ class JobLog:
             self._audit_send(session, job, delivery, AuditOutcome.success, status=status)
             self._finish_if_delivered(session, job, now)
 
+    def expect_commitment(self, delivery_id: int, transaction_uid: str) -> None:
+        """Name the storage commitment transaction of a send about to go, before it goes: PACS may
+        report on it before the sender has recorded that the store succeeded."""
+        with self._transaction() as session:
+            self._delivery(session, delivery_id).commitment_uid = transaction_uid
+
+    def delivery_stored(
+        self, delivery_id: int, *, transaction_uid: str, status: int, send_s: float, commit_by: datetime
+    ) -> bool:
+        """Record a store PACS acknowledged and was asked to commit: 'committing' until its report
+        or `commit_by`. False (nothing changed) when PACS reported on the transaction already."""
+        with self._transaction() as session:
+            delivery = self._delivery(session, delivery_id)
+            if delivery.status != DeliveryStatus.sending or delivery.commitment_uid != transaction_uid:
+                return False
+            delivery.status = DeliveryStatus.committing
+            delivery.last_status = status
+            delivery.send_s = send_s
+            delivery.commit_by = commit_by
+            delivery.lease_owner = delivery.lease_expires_at = None
+            self._event(
+                session,
+                delivery.job_id,
+                "stored",
+                f"{delivery.kind} acknowledged (status 0x{status:04X}) in {send_s:.1f} s, attempt {delivery.attempts}; "
+                f"storage commitment asked (transaction {transaction_uid}), due by {_at(commit_by)}",
+                destination=delivery.destination,
+            )
+            job = self._job(session, delivery.job_id)
+            self._audit_send(session, job, delivery, AuditOutcome.success, status=status, commitment=transaction_uid)
+            return True
+
+    def find_commitment(self, transaction_uid: str) -> DeliverySnapshot | None:
+        """The send waiting for this storage commitment transaction (None: unknown, or settled)."""
+        with self._read() as session:
+            delivery = session.scalar(
+                select(Delivery).where(
+                    Delivery.commitment_uid == transaction_uid,
+                    Delivery.status.in_([DeliveryStatus.sending, DeliveryStatus.committing]),
+                )
+            )
+            return DeliverySnapshot.of(delivery) if delivery else None
+
+    def delivery_committed(self, delivery_id: int) -> None:
+        """PACS committed to keep the image: the send is done, and the job once every send is."""
+        now = utcnow()
+        with self._transaction() as session:
+            delivery = self._delivery(session, delivery_id)
+            delivery.status = DeliveryStatus.sent
+            delivery.sent_at = now
+            delivery.commit_by = delivery.lease_owner = delivery.lease_expires_at = None
+            self._event(
+                session,
+                delivery.job_id,
+                "committed",
+                f"{delivery.kind}: storage commitment confirmed (transaction {delivery.commitment_uid})",
+                destination=delivery.destination,
+            )
+            self._finish_if_delivered(session, self._job(session, delivery.job_id), now)
+
+    def overdue_commitments(self, now: datetime | None = None) -> list[DeliverySnapshot]:
+        """Sends whose storage commitment report did not come in time."""
+        now = now or utcnow()
+        with self._read() as session:
+            rows = session.scalars(
+                select(Delivery).where(Delivery.status == DeliveryStatus.committing, Delivery.commit_by < now)
+            )
+            return [DeliverySnapshot.of(row) for row in rows]
+
     def delivery_failed(
         self,
         delivery_id: int,
@@ -463,7 +532,7 @@ class JobLog:
             delivery = self._delivery(session, delivery_id)
             delivery.last_error = error
             delivery.last_status = status
-            delivery.lease_owner = delivery.lease_expires_at = None
+            delivery.lease_owner = delivery.lease_expires_at = delivery.commit_by = None
             delivery.next_attempt_at = retry_at
             delivery.status = DeliveryStatus.failed if retry_at is None else DeliveryStatus.pending
             when = "gave up" if retry_at is None else f"retry at {retry_at.isoformat(timespec='seconds')}"

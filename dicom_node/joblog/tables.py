@@ -34,6 +34,7 @@ class DeliveryStatus(StrEnum):
     held = "held"  # waits for its job's release (a QC-flagged job of a profile with hold_flagged)
     pending = "pending"
     sending = "sending"
+    committing = "committing"  # stored; waits for the destination's storage commitment (N-EVENT-REPORT)
     sent = "sent"
     failed = "failed"
     cancelled = "cancelled"
@@ -149,6 +150,8 @@ class Delivery(Base):
     last_status: Mapped[int | None]
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     send_s: Mapped[float | None]
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)  # Transaction UID asked
+    commit_by: Mapped[datetime | None] = mapped_column(UTCDateTime)  # no report by then: failed, retried
 
 
 class JobEvent(Base):
@@ -292,6 +295,8 @@ class DeliverySnapshot:
     last_status: int | None
     sent_at: datetime | None
     send_s: float | None
+    commitment_uid: str | None
+    commit_by: datetime | None
 
     @classmethod
     def of(cls, delivery: Delivery) -> DeliverySnapshot:

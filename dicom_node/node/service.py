@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from dicom_node.audit import record_config_loaded
 from dicom_node.config import Config
 from dicom_node.files import write_atomically
+from dicom_node.forward.commitment import CommitmentListener
 from dicom_node.forward.dispatch import Dispatcher
 from dicom_node.joblog import JobLog
 from dicom_node.node.schedule import build_scheduler
@@ -82,8 +83,10 @@ class Node:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.node_id = node_identity(config.data_dir)
         self.joblog = JobLog(config.database_url, config.worker.max_attempts, config.database.busy_timeout_s)
-        self.receiver = StorageSCP(config, self.joblog, port=port)
         self.dispatcher = Dispatcher(config, self.joblog)
+        self.receiver = StorageSCP(
+            config, self.joblog, port=port, commitment_reports=CommitmentListener(self.dispatcher).on_report
+        )
         self.scheduler = build_scheduler(config, self.joblog, self.dispatcher)
         self._context = multiprocessing.get_context("spawn")
         self.workers: list[SpawnProcess] = []

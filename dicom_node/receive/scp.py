@@ -12,8 +12,10 @@ import hashlib
 import logging
 import re
 import shutil
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import TYPE_CHECKING, cast
@@ -23,7 +25,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import; mypy can't see it
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import; mypy can't see them
+    StorageCommitmentPushModel,
+    Verification,
+)
 
 from dicom_node.config import Config
 from dicom_node.errors import InputRefused, NodeError, Unavailable
@@ -191,10 +196,22 @@ class StorageSCP:
     `port` overrides node.port (0: any free port, for tests); `.port` is the bound one.
     """
 
-    def __init__(self, config: Config, sink: JobLog, *, port: int | None = None):
+    def __init__(
+        self,
+        config: Config,
+        sink: JobLog,
+        *,
+        port: int | None = None,
+        commitment_reports: Callable[[evt.Event], tuple[int, Dataset | None]] | None = None,
+    ):
         self.config = config
         self.sink = sink
         self.allowlist = AllowList(config)
+        # PACS answering storage commitment requests calls in with N-EVENT-REPORT (forward/commitment.py)
+        self.commitment_reports = commitment_reports
+        self.reporters = {
+            d.ae_title: d.host for d in config.destinations if d.storage_commitment and d.ae_title and d.host
+        }
         self.spool = Spool(config.data_dir / "spool", config.node.file_mode)
         self._requested_port = config.node.port if port is None else port
         self._server: ThreadedAssociationServer | None = None
@@ -219,6 +236,8 @@ class StorageSCP:
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.add_supported_context(Verification)
+        if self.commitment_reports is not None and self.reporters:
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         passed = [uid for profile in self.config.profiles.values() for uid in profile.pass_through]
         for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *passed]):
             ae.add_supported_context(sop_class, LOSSLESS_TRANSFER_SYNTAXES)
@@ -231,6 +250,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        if self.commitment_reports is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, self.commitment_reports))
         # Non-blocking, start_server always returns the server.
         self._server = ae.start_server((node.bind, self._requested_port), block=False, evt_handlers=handlers)
         if self.allowlist.is_open:
@@ -275,7 +296,12 @@ class StorageSCP:
         node = self.config.node
         if called_ae.strip() != node.ae_title:
             raise Refused(CALLED_AE_NOT_RECOGNISED, f"called AE {called_ae.strip()!r} is not {node.ae_title!r}")
-        profile = self.allowlist.admit(calling_ae, host)
+        try:
+            profile = self.allowlist.admit(calling_ae, host)
+        except Refused:
+            if not self._reports_commitments(calling_ae, host):
+                raise
+            return ""  # a PACS reporting on storage commitment: it stores nothing here
         free_mb = self._free_mb()
         if free_mb < node.min_free_disk_mb:
             raise Refused(
@@ -284,6 +310,17 @@ class StorageSCP:
                 f"below min_free_disk_mb = {node.min_free_disk_mb:g}",
             )
         return profile
+
+    def _reports_commitments(self, calling_ae: str, host: str) -> bool:
+        """Is this a destination that answers storage commitment requests, calling from its own host?"""
+        expected = self.reporters.get(calling_ae.strip())
+        if expected is None or self.commitment_reports is None:
+            return False
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(expected, None)}
+        except OSError:
+            return False
+        return host in addresses or host.removeprefix("::ffff:") in addresses
 
     def _on_requested(self, event: evt.Event) -> None:
         """Reject here, before negotiation, so the peer hears the real reason (PS3.8 9.3.4).
